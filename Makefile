@@ -1,0 +1,40 @@
+# Two entry points (README): `make repro` runs the experiment, `make test` the tests.
+# Both create .venv on first use and reuse it afterwards.
+#
+# Order matters: torch is installed FIRST and pinned (constraints.txt via
+# PIP_CONSTRAINT, which also holds inside isolated builds), then the rest, then
+# this package WITHOUT build isolation so csrc/ compiles against that torch.
+# Otherwise pip would fetch a several-GB CUDA torch onto a CPU machine.
+VENV   ?= .venv
+PYTHON ?= python3
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+STAMP := $(VENV)/.installed
+
+.PHONY: setup repro test ui clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt setup.py $(wildcard csrc/*)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	$(VENV)/bin/python -m pip install -q --no-build-isolation -e .
+	$(VENV)/bin/python -c "import mlsys.ops as o; print('mlsys ops backend:', o.backend())"
+	touch $@
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+ui: $(STAMP)
+	$(VENV)/bin/python -m mlsys ui
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,133 @@
+"""The paper's two altered training sets, built with model 1's own gradients.
+
+Method one (paper eq. 2): for each image, a targeted attack toward full-area class
+c for every class in turn, each pass starting from the previous pass's output; the
+final image joins the method-one set with the image's TRUE mask.
+
+Method two (paper eq. 3-5, "enhancement"): C per-class FGSM directions
+a_c = eps * sign(grad_x J(x, full-area c)) from one batched backward; every sign
+vector s in {-1, 0, +1}^C gives a candidate clip(x + sum_c s_c a_c, 0, 1); every
+candidate is scored against the TRUE mask and the best kept (argmin of the mean
+|onehot - softmax| in the original code). The candidates are addressed by a base-3
+index (see :mod:`mlsys.ops`, index 0 = the clean image); generation and scoring go
+through the fused ops there, whose plain-PyTorch references define the results.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .attacks import eval_mode, full_area, input_grad, pgd
+from .data import create_dataset, image_size, iter_chunks, split_of
+from .params import Method1Params, Method2Params
+
+
+# --------------------------------------------------------------------------- method one
+def method_one(model: torch.nn.Module, x: torch.Tensor, cfg: Method1Params,
+               classes: list[int] | None = None) -> torch.Tensor:
+    """Layered targeted attack: x (N, 3, H, W) in [0, 1] -> perturbed batch, after one
+    targeted pass toward each class of ``classes`` (default 0..C-1) in turn."""
+    classes = list(range(model.head.out_channels)) if classes is None else classes
+    for c in classes:
+        x = pgd(model, x, full_area(x, c), mode=cfg.mode, eps=cfg.eps, alpha=cfg.alpha,
+                steps=cfg.steps, targeted=True)
+    return x
+
+
+# --------------------------------------------------------------------------- method two
+def class_directions(model: torch.nn.Module, x: torch.Tensor, eps: float, amp: bool = False) -> torch.Tensor:
+    """a[n, c] = eps * sign(grad_x CE(model(x_n), full-area c)) for x (N, 3, H, W):
+    returns (N, C, 3, H, W), all from one batched backward pass."""
+    n, C = len(x), model.head.out_channels
+    rep = x.repeat_interleave(C, dim=0)                      # (N*C, 3, H, W): image n, class c
+    target = torch.arange(C, device=x.device).repeat(n)      # class of each copy
+    target = target[:, None, None].expand(-1, *x.shape[2:])
+    with eval_mode(model):
+        g = input_grad(model, rep, target, amp=amp)
+    return (eps * g.sign()).view(n, C, *x.shape[1:])
+
+
+@torch.no_grad()
+def search_image(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
+                 score: str = "l1", select: str = "argmin", chunk: int = 243,
+                 dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[int, float]:
+    """Score all 3^C candidates of one image against its true mask.
+
+    x: (3, H, W) in [0, 1]; dirs: (C, 3, H, W); mask: (H, W) int64.
+    Returns (best base-3 index, its score); ties go to the lowest index."""
+    total = 3 ** dirs.shape[0]
+    best_idx, best = 0, None
+    for start in range(0, total, chunk):
+        count = min(chunk, total - start)
+        cand = ops.candidates(x, dirs, start, count, 0.0, 1.0, dtype, channels_last)
+        scores, idx = ops.score(model(cand), mask, score, select)
+        value = float(scores[idx])
+        better = best is None or (value < best if select == "argmin" else value > best)
+        if better:
+            best_idx, best = start + int(idx), value
+    return best_idx, best
+
+
+def method_two(model: torch.nn.Module, x: torch.Tensor, masks: torch.Tensor, cfg: Method2Params,
+               amp: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signed-combination search for a batch x (N, 3, H, W) with true masks (N, H, W).
+
+    Returns (best images (N, 3, H, W), sign vectors (N, C) int8, scores (N,) float32,
+    base-3 indices (N,) int64)."""
+    dirs = class_directions(model, x, cfg.eps, amp)
+    dtype = torch.bfloat16 if amp and x.device.type == "cuda" else None
+    out, idxs, scores = [], [], []
+    with eval_mode(model):
+        for i in range(len(x)):
+            idx, value = search_image(model, x[i], dirs[i], masks[i], cfg.score, cfg.select, cfg.chunk, dtype)
+            out.append(ops.candidates_ref(x[i], dirs[i], idx, 1)[0])
+            idxs.append(idx)
+            scores.append(value)
+    idxs_t = torch.tensor(idxs, dtype=torch.int64)
+    return (torch.stack(out), ops.index_signs(idxs_t, dirs.shape[1]),
+            torch.tensor(scores, dtype=torch.float32), idxs_t)
+
+
+# --------------------------------------------------------------------------- the stage's work
+def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out: str | os.PathLike,
+              cfg, device: torch.device, provenance: dict, progress: bool = True) -> dict[str, float]:
+    """Write data/<method>.h5: the training split of ``clean`` perturbed by ``method``
+    (true masks kept), streamed chunk by chunk. Returns summary statistics."""
+    mcfg: Method1Params | Method2Params = getattr(cfg, method)
+    train = split_of(clean, "train")
+    n = len(train)
+    C = model.head.out_channels
+    extra = {"signs": ((C,), np.int8), "score": ((), np.float32), "index": ((), np.int64)} \
+        if method == "method2" else None
+    attrs = {**provenance, "kind": method, "source": f"{method} of {os.fspath(clean)}",
+             "settings": asdict(mcfg), "class_order": list(range(C)), "seed": cfg.seed,
+             "mode": getattr(mcfg, "mode", "signed-combination search")}
+    model.to(device)
+    linf, l2 = [], []
+    size = image_size(clean)
+    splits = {"train": np.arange(n), "valid": np.arange(0), "test": np.arange(0)}
+    with create_dataset(out, n, size, attrs, splits, extra) as w, \
+            tqdm(total=n, desc=method, unit="img", disable=not progress) as bar:
+        start = 0
+        for idx, images, masks, tissue in iter_chunks(clean, "train", mcfg.batch_size):
+            images, masks = images.to(device), masks.to(device)
+            if method == "method1":
+                adv = method_one(model, images, mcfg)
+                w.write(start, images=adv.cpu(), masks=masks.to(torch.uint8).cpu())
+            else:
+                adv, signs, scores, index = method_two(model, images, masks, mcfg)
+                w.write(start, images=adv.cpu(), masks=masks.to(torch.uint8).cpu(), signs=signs,
+                        score=scores, index=index)
+            w.write(start, tissue=tissue)
+            d = (adv - images).flatten(1)
+            linf += d.abs().amax(1).tolist()
+            l2 += d.norm(dim=1).tolist()
+            start += len(idx)
+            bar.update(len(idx))
+    return {"n_images": float(n), "mean_linf": float(np.mean(linf)), "mean_l2": float(np.mean(l2))}
+

@@ -1,0 +1,287 @@
+"""``python -m mlsys <stage>``: thin stage entry points for dvc.yaml.
+
+Each stage reads its sections of params.yaml, opens its MLflow run (tracking.py)
+and calls the pure functions that do the work. Bad input ends with one line on
+stderr and exit status 2; ``--debug`` (or MLSYS_DEBUG=1) shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+PATHS = {
+    "clean": "data/clean.h5",
+    "set": "data/{}.h5",
+    "weights": "models/{}.pt",
+    "checkpoint": "checkpoints/{}.pt",
+    "train_metrics": "metrics/train/{}.json",
+    "train_plot": "plots/train/{}.csv",
+    "eval_metrics": "metrics/eval/{}.json",
+    "eval_figures": "plots/eval/{}",
+    "augment_metrics": "metrics/augment/{}.json",
+    "report": "reports",
+}
+
+
+def _write_json(path: str, obj) -> None:
+    from .data import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _progress() -> bool:
+    return os.environ.get("MLSYS_PROGRESS", "1") != "0"
+
+
+# --------------------------------------------------------------------------- stages
+def cmd_prepare(args, p) -> None:
+    import numpy as np
+
+    from . import data, figures, tracking
+    from .params import CLASS_NAMES, section_dict
+
+    with tracking.stage_run("prepare", {f"data.{k}": v for k, v in section_dict(p.data).items()},
+                            p.tracking.experiment, {"mlsys.stage": "prepare"}):
+        import mlflow
+
+        sizes = data.prepare(p.data, PATHS["clean"], _progress())
+        attrs = data.read_attrs(PATHS["clean"])
+        counts = np.array(json.loads(attrs["class_pixel_counts"]), dtype=float)
+        mlflow.log_metrics({f"split/{k}": v for k, v in sizes.items()})
+        mlflow.log_metrics({f"class_fraction/{n}": c / counts.sum() for n, c in zip(CLASS_NAMES, counts)})
+        tracking.log_dataset(PATHS["clean"], "output")
+        images, masks = data.load_split(PATHS["clean"], "train")
+        fig = figures.perturbation_panel(images[:4], images[:4], masks[:4], _onehot_logits(masks[:4]),
+                                         "training samples (image, mask)")
+        mlflow.log_figure(fig, "figures/samples.png")
+        print(f"prepare: {PATHS['clean']} ({sizes['train']}/{sizes['valid']}/{sizes['test']} "
+              f"train/valid/test, source {attrs['source']})")
+
+
+def _onehot_logits(masks):
+    import torch
+
+    return torch.nn.functional.one_hot(masks, 6).permute(0, 3, 1, 2).float()
+
+
+def cmd_train(args, p) -> None:
+    import mlflow
+    import torch
+
+    from . import data, figures, tracking
+    from .evaluate import predict
+    from .model import build_model
+    from .params import section_dict
+    from .train import MODELS, epochs_for, save_weights, train_model
+
+    name = args.model
+    sets = MODELS[name]
+    paths = [PATHS["clean"] if s == "clean" else PATHS["set"].format(s) for s in sets]
+    params = {**{f"model.{k}": v for k, v in section_dict(p.model).items()},
+              **{f"train.{k}": v for k, v in section_dict(p.train).items()}}
+    epochs = epochs_for(name, p.train)
+    params["train.epochs_effective"] = epochs
+    params["train.sets"] = ",".join(sets)
+    with tracking.stage_run(f"train@{name}", params, p.tracking.experiment,
+                            {"mlsys.stage": "train", "mlsys.model": name}):
+        parts = [data.load_split(path, "train") for path in paths]
+        train = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        valid = data.load_split(PATHS["clean"], "valid")
+        digests = {path: tracking.dataset_digest(path) for path in dict.fromkeys(paths + [PATHS["clean"]])}
+        for path in digests:
+            tracking.log_dataset(path, "training" if path in paths else "validation")
+        torch.manual_seed(p.train.seed)
+        model = build_model(p.model)
+        fingerprint = json.dumps({"params": params, "data": digests}, sort_keys=True, default=str)
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            mlflow.log_metrics({("train/loss" if k == "train_loss" else k.replace("_", "/", 1)): v
+                                for k, v in row.items() if k != "epoch"}, step=epoch)
+
+        Path(PATHS["checkpoint"].format(name)).parent.mkdir(parents=True, exist_ok=True)
+        history = train_model(model, train, valid, p.train, epochs, PATHS["checkpoint"].format(name),
+                              fingerprint, on_epoch, _progress())
+        model.cpu().eval()
+        save_weights(model, p.model, PATHS["weights"].format(name),
+                     {"model": name, "sets": list(sets), "epochs": epochs})
+        best = min(history, key=lambda r: r["valid_loss"])
+        summary = {"best/epoch": best["epoch"], "best/valid_loss": best["valid_loss"],
+                   "best/val_dice": best["valid_dice"], "final/valid_loss": history[-1]["valid_loss"],
+                   "final/valid_dice": history[-1]["valid_dice"],
+                   "final/valid_accuracy": history[-1]["valid_accuracy"], "n_train_images": len(train[0])}
+        mlflow.log_metrics(summary)
+        _write_json(PATHS["train_metrics"].format(name), summary)
+        _write_csv(PATHS["train_plot"].format(name), history)
+        mlflow.log_figure(figures.loss_curves({name: history}, f"{name}: loss per epoch"),
+                          "figures/loss_curves.png")
+        n = min(4, len(valid[0]))
+        logits = predict(model, valid[0][:n], n, torch.device("cpu"))
+        mlflow.log_figure(figures.prediction_panel(valid[0][:n], valid[1][:n], logits,
+                                                   f"{name}: validation predictions"),
+                          "figures/predictions_valid.png")
+        mlflow.log_artifact(PATHS["weights"].format(name), "weights")
+        if p.tracking.log_model:
+            _log_model(model, valid[0][:2])
+        Path(PATHS["checkpoint"].format(name)).unlink(missing_ok=True)  # done: the next run starts fresh
+        print(f"train@{name}: {epochs} epochs, final valid loss {history[-1]['valid_loss']:.4f}, "
+              f"dice {history[-1]['valid_dice']:.4f}")
+
+
+def _log_model(model, example) -> None:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    x = example.numpy()
+    with __import__("torch").no_grad():
+        y = model(example).numpy()
+    mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, y), input_example=x,
+                             pip_requirements=["torch"])
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    from .data import atomic_path
+
+    keys = list(rows[0])
+    with atomic_path(path) as tmp:
+        tmp.write_text(",".join(keys) + "\n" + "".join(",".join(f"{r[k]:.6g}" if isinstance(r[k], float)
+                                                                else str(r[k]) for k in keys) + "\n"
+                                                       for r in rows))
+
+
+def cmd_evaluate(args, p) -> None:
+    import mlflow
+    import torch
+
+    from . import data, figures, tracking
+    from .attacks import attack_from_params
+    from .evaluate import SegMetrics, predict
+    from .params import section_dict
+    from .train import load_weights, pick_device
+
+    name, cfg, acfg = args.model, p.evaluate, p.evaluate.attack
+    params = {f"evaluate.{k}": v for k, v in section_dict(cfg).items()}
+    with tracking.stage_run(f"evaluate@{name}", params, p.tracking.experiment,
+                            {"mlsys.stage": "evaluate", "mlsys.model": name,
+                             "mlsys.attack_mode": acfg.mode}):
+        device = pick_device(p.train.device)
+        model = load_weights(PATHS["weights"].format(name), p.model).to(device).eval()
+        tracking.log_dataset(PATHS["clean"], "evaluation")
+        clean, attacked = SegMetrics(p.model.n_classes, cfg.paper_threshold), \
+            SegMetrics(p.model.n_classes, cfg.paper_threshold)
+        panel = None
+        from tqdm.auto import tqdm
+
+        test_n = len(data.split_of(PATHS["clean"], "test"))
+        bar = tqdm(total=test_n, desc=f"evaluate {name}", unit="img", disable=not _progress())
+        for _, images, masks, _ in data.iter_chunks(PATHS["clean"], "test", acfg.batch_size):
+            images, masks = images.to(device), masks.to(device)
+            with torch.no_grad():
+                clean.update(model(images), masks)
+            adv = attack_from_params(model, images, acfg, acfg.target)
+            with torch.no_grad():
+                logits = model(adv)
+            attacked.update(logits, masks)
+            if panel is None:
+                n = min(cfg.n_panel, len(images))
+                panel = (images[:n].cpu(), adv[:n].cpu(), masks[:n].cpu(), logits[:n].cpu())
+            bar.update(len(images))
+        bar.close()
+        res = {"clean": clean.result(), "attack": attacked.result(),
+               "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
+                                   "target": acfg.target, "alpha": acfg.alpha}}
+        mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
+        _write_json(PATHS["eval_metrics"].format(name), res)
+        out = Path(PATHS["eval_figures"].format(name))
+        fig = figures.perturbation_panel(*panel, f"{name} under {acfg.mode} attack ({acfg.steps} steps, "
+                                                 f"eps {acfg.eps}, target class {acfg.target})")
+        mlflow.log_figure(fig, "figures/attack_panel.png")
+        figures.save(fig, out / "attack_panel.png")
+        fig = figures.prediction_panel(panel[0], panel[2], predict(model.cpu(), panel[0], len(panel[0]),
+                                                                   torch.device("cpu")),
+                                       f"{name}: test predictions (clean)")
+        mlflow.log_figure(fig, "figures/predictions_test.png")
+        figures.save(fig, out / "predictions_clean.png")
+        print(f"evaluate@{name}: clean accuracy {res['clean']['accuracy']:.4f} dice {res['clean']['dice']:.4f}"
+              f" | attacked accuracy {res['attack']['accuracy']:.4f} dice {res['attack']['dice']:.4f}")
+
+
+def cmd_augment(args, p) -> None:
+    import mlflow
+    import torch
+
+    from . import data, figures, ops, tracking
+    from .augment import build_set
+    from .params import section_dict
+    from .train import load_weights, pick_device
+
+    method = args.method
+    mcfg = getattr(p.augment, method)
+    params = {f"augment.{method}.{k}": v for k, v in section_dict(mcfg).items()}
+    params["augment.seed"] = p.augment.seed
+    with tracking.stage_run(f"augment@{method}", params, p.tracking.experiment,
+                            {"mlsys.stage": "augment", "mlsys.method": method,
+                             "mlsys.ops_backend": ops.backend()}):
+        torch.manual_seed(p.augment.seed)
+        device = pick_device(p.augment.device)
+        weights = PATHS["weights"].format("model1")
+        model = load_weights(weights, p.model).to(device).eval()
+        tracking.log_dataset(PATHS["clean"], "source")
+        out = PATHS["set"].format(method)
+        provenance = {"producing_model": weights, "producing_model_md5": tracking.dataset_digest(weights),
+                      "ops_backend": ops.backend()}
+        stats = build_set(method, model, PATHS["clean"], out, p.augment, device, provenance, _progress())
+        mlflow.log_metrics(stats)
+        _write_json(PATHS["augment_metrics"].format(method), stats)
+        tracking.log_dataset(out, "output")
+        clean, _ = data.load_split(PATHS["clean"], "train")
+        pert, masks = data.load_split(out, "train")
+        n = min(4, len(clean))
+        from .evaluate import predict
+
+        logits = predict(model.cpu(), pert[:n], n, torch.device("cpu"))
+        fig = figures.perturbation_panel(clean[:n], pert[:n], masks[:n], logits, f"{method} training set")
+        mlflow.log_figure(fig, "figures/perturbation_panel.png")
+        print(f"augment@{method}: {out} ({int(stats['n_images'])} images, mean L-inf {stats['mean_linf']:.4f})")
+
+
+# --------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mlsys", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="build data/clean.h5 (synthetic default or your PanNuke fold)")
+    s = sub.add_parser("train", help="train one of the four models")
+    s.add_argument("model", choices=["model1", "model2", "model3", "model4"])
+    s = sub.add_parser("augment", help="build a method-one or method-two training set with model 1")
+    s.add_argument("method", choices=["method1", "method2"])
+    s = sub.add_parser("evaluate", help="evaluate one model on the test split, clean and under attack")
+    s.add_argument("model", choices=["model1", "model2", "model3", "model4"])
+    return ap
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "augment": cmd_augment, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MLSYS_DEBUG") == "1"
+    from .data import DataError
+    from .params import ParamsError, load_params
+
+    try:
+        from .train import CheckpointError
+
+        p = load_params(args.params)
+        COMMANDS[args.command](args, p)
+    except (ParamsError, DataError, CheckpointError, ConnectionError) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"mlsys {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

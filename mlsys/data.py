@@ -1,0 +1,326 @@
+"""Datasets: PanNuke import, the synthetic default, the HDF5 format and loading.
+
+Raw PanNuke (and the synthetic generator, which mimics it exactly) comes as
+  images (N, H, W, 3) float64 whole values 0..255, types (N,) tissue names,
+  masks (N, H, W, 6) float64: channels 0..4 instance ids of neoplastic,
+  inflammatory, connective, dead, epithelial nuclei (0 = none); channel 5 is 1 on
+  background. Some pixels are 0 in all six channels ("void").
+Semantic label per pixel: class k+1 for the FIRST channel k in 0..4 that is
+non-zero (so a pixel set in two class channels takes the lower channel), else
+background 0 -- void pixels are background. Instance ids are compared with 0
+before any cast, so ids > 255 are safe.
+
+Every dataset of the pipeline is one HDF5 file (this module is the one place that
+writes them):
+  /images  (N, 3, H, W) float32 in [0, 1], chunked one image per chunk
+  /masks   (N, H, W) uint8 class ids 0..5
+  /tissue  (N,) str
+  /split/{train,valid,test}  int64 sorted indices
+  attrs: provenance (source, seeds, normalisation, producing model, attack settings)
+Files are written beside their destination and renamed on success, so a killed
+stage never leaves a file that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .params import CLASS_NAMES, DataParams
+
+N_CLASSES = len(CLASS_NAMES)
+SPLITS = ("train", "valid", "test")
+OVERLAP_RULE = "lowest channel wins: a pixel set in two class channels takes the first (0..4)"
+
+
+class DataError(ValueError):
+    """Input data is missing or malformed; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- conversion
+def semantic_masks(raw: np.ndarray) -> np.ndarray:
+    """raw: (N, H, W, 6) PanNuke instance masks -> (N, H, W) uint8 class ids 0..5."""
+    nucleus = raw[..., :5] != 0                   # compare before any cast: ids exceed 255
+    first = nucleus.argmax(axis=-1)               # first non-zero class channel
+    return np.where(nucleus.any(axis=-1), first + 1, 0).astype(np.uint8)
+
+
+def normalise_images(raw: np.ndarray, mode: str) -> np.ndarray:
+    """raw: (N, H, W, 3) values 0..255 -> (N, 3, H, W) float32 in [0, 1].
+
+    "minmax" scales each image to [0, 1] (original code; a constant image gives 0),
+    "255" divides by 255."""
+    x = raw.astype(np.float32)
+    if mode == "minmax":
+        lo = x.min(axis=(1, 2, 3), keepdims=True)
+        span = x.max(axis=(1, 2, 3), keepdims=True) - lo
+        x = (x - lo) / np.where(span > 0, span, 1.0)
+    elif mode == "255":
+        x = x / 255.0
+    else:
+        raise DataError(f"unknown normalisation {mode!r}; expected 'minmax' or '255'")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def split_indices(n: int, ratios: list[int], seed: int = 42) -> dict[str, np.ndarray]:
+    """Shuffle with ``seed`` and cut train:valid:test by ``ratios`` (original code:
+    seed 42, 6:1:2, so 2523 -> 1682/280/561). Each split is returned sorted."""
+    total = sum(ratios)
+    n_train, n_valid = n * ratios[0] // total, n * ratios[1] // total
+    if min(n_train, n_valid, n - n_train - n_valid) < 1:
+        raise DataError(f"{n} images cannot be split {ratios[0]}:{ratios[1]}:{ratios[2]} "
+                        "with at least one image per split")
+    order = np.random.RandomState(seed).permutation(n)
+    parts = np.split(order, [n_train, n_train + n_valid])
+    return {name: np.sort(p).astype(np.int64) for name, p in zip(SPLITS, parts)}
+
+
+# --------------------------------------------------------------------------- PanNuke import
+def _npy_header(f, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except Exception as err:  # noqa: BLE001 - numpy raises several types for bad headers
+        raise DataError(f"{name}: not a valid .npy file ({err})") from None
+    if fortran:
+        raise DataError(f"{name}: Fortran-ordered arrays are not supported")
+    if dtype.hasobject:
+        raise DataError(f"{name}: holds Python objects (pickled); refusing to load it")
+    return shape, dtype
+
+
+def _npy_chunks(f, name: str, chunk: int) -> Iterator[np.ndarray]:
+    """Stream a .npy file object in chunks of ``chunk`` rows (never all in memory)."""
+    shape, dtype = _npy_header(f, name)
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    for start in range(0, shape[0], chunk):
+        rows = min(chunk, shape[0] - start)
+        buf = f.read(rows * row)
+        if len(buf) != rows * row:
+            raise DataError(f"{name}: truncated (expected {shape[0]} rows of shape {shape[1:]})")
+        yield np.frombuffer(buf, dtype=dtype).reshape((rows,) + tuple(shape[1:]))
+
+
+class PanNukeSource:
+    """A user's PanNuke fold: the downloaded zip, the unpacked "Fold N" folder or
+    a folder above it. Finds images.npy, masks.npy and types.npy of ``fold``."""
+
+    FILES = ("images", "masks", "types")
+
+    def __init__(self, path: str | os.PathLike, fold: int) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(f"PanNuke path {self.path} does not exist")
+        if self.path.is_dir():
+            names = [str(p.relative_to(self.path)) for p in self.path.rglob("*.npy")]
+        elif zipfile.is_zipfile(self.path):
+            with zipfile.ZipFile(self.path) as z:
+                names = [n for n in z.namelist() if n.endswith(".npy")]
+        else:
+            raise DataError(f"PanNuke path {self.path} is neither a folder nor a zip file")
+        self.members = {}
+        for key in self.FILES:
+            found = [n for n in names if Path(n).name == f"{key}.npy"]
+            if len(found) > 1:  # several folds side by side: pick this fold's
+                found = [n for n in found if f"fold{fold}" in n.replace(" ", "").lower()]
+            if len(found) != 1:
+                raise DataError(f"PanNuke path {self.path}: expected one {key}.npy of fold {fold} "
+                                f"(e.g. 'Fold {fold}/{'masks' if key == 'masks' else 'images'}/"
+                                f"fold{fold}/{key}.npy'), found {len(found)}")
+            self.members[key] = found[0]
+
+    @contextlib.contextmanager
+    def open(self, key: str):
+        member = self.members[key]
+        if self.path.is_dir():
+            with open(self.path / member, "rb") as f:
+                yield f
+        else:
+            with zipfile.ZipFile(self.path) as z, z.open(member) as f:
+                yield io.BufferedReader(f, buffer_size=1 << 22)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for key in self.FILES:
+            with self.open(key) as f:
+                shapes[key] = _npy_header(f, f"{self.path}:{self.members[key]}")[0]
+        return shapes
+
+
+def check_raw_chunk(images: np.ndarray, masks: np.ndarray, where: str) -> None:
+    """Reject values that PanNuke never holds (NaN, negative or fractional ids)."""
+    if not np.isfinite(images).all():
+        raise DataError(f"{where}: images hold NaN or infinite values")
+    if images.min() < 0 or images.max() > 255:
+        raise DataError(f"{where}: image values outside 0..255")
+    if not np.isfinite(masks).all() or masks.min() < 0 or (masks != np.round(masks)).any():
+        raise DataError(f"{where}: masks must hold non-negative whole instance ids")
+
+
+# --------------------------------------------------------------------------- HDF5
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success,
+    delete it on failure, so a killed or failed stage leaves no plausible output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class H5Writer:
+    """Writes a dataset file image chunk by image chunk (see module docstring)."""
+
+    def __init__(self, f: h5py.File, n: int, size: int, extra: dict[str, tuple] | None = None):
+        self.f = f
+        f.create_dataset("images", (n, 3, size, size), np.float32, chunks=(1, 3, size, size))
+        f.create_dataset("masks", (n, size, size), np.uint8, chunks=(1, size, size))
+        f.create_dataset("tissue", (n,), h5py.string_dtype())
+        for name, (shape, dtype) in (extra or {}).items():
+            f.create_dataset(name, (n,) + tuple(shape), dtype)
+
+    def write(self, start: int, **arrays) -> None:
+        for name, value in arrays.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            self.f[name][start:start + len(value)] = value
+
+
+@contextlib.contextmanager
+def create_dataset(path: str | os.PathLike, n: int, size: int, attrs: dict,
+                   splits: dict[str, np.ndarray], extra: dict[str, tuple] | None = None):
+    """Open a new dataset file for writing; it appears at ``path`` only on success."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, idx in splits.items():
+            f.create_dataset(f"split/{name}", data=np.asarray(idx, dtype=np.int64))
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        f.attrs["class_names"] = json.dumps(CLASS_NAMES)
+        f.attrs["overlap_rule"] = OVERLAP_RULE
+        yield H5Writer(f, n, size, extra)
+
+
+def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.ndarray],
+               types: np.ndarray, out: str | os.PathLike, cfg: DataParams, source: str,
+               image_size: int, where: str, progress: bool = True) -> dict[str, int]:
+    """Convert raw PanNuke-layout chunks to the HDF5 dataset at ``out``."""
+    n = len(types)
+    splits = split_indices(n, cfg.split, cfg.split_seed)
+    attrs = {"source": source, "normalise": cfg.normalise, "split_seed": cfg.split_seed,
+             "split_ratio": cfg.split, "n_images": n, "kind": "clean"}
+    counts = np.zeros(N_CLASSES, np.int64)
+    with create_dataset(out, n, image_size, attrs, splits) as w, \
+            tqdm(total=n, desc="prepare", unit="img", disable=not progress) as bar:
+        w.write(0, tissue=np.asarray(types).astype(str).astype(object))
+        start = 0
+        for images, masks in zip(images_chunks, masks_chunks):
+            check_raw_chunk(images, masks, f"{where} images {start}..{start + len(images) - 1}")
+            sem = semantic_masks(masks)
+            counts += np.bincount(sem.ravel(), minlength=N_CLASSES)
+            w.write(start, images=normalise_images(images, cfg.normalise), masks=sem)
+            start += len(images)
+            bar.update(len(images))
+        if start != n:
+            raise DataError(f"{where}: {start} images and masks but {n} tissue types")
+        w.f.attrs["class_pixel_counts"] = json.dumps(counts.tolist())
+    return {name: len(idx) for name, idx in splits.items()}
+
+
+def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> dict[str, int]:
+    """Build the clean dataset (synthetic default or a PanNuke fold) at ``out``."""
+    if cfg.source == "synthetic":
+        from .synthetic import generate
+
+        images, masks, types = generate(cfg.n_images, cfg.image_size, cfg.synthetic_seed, progress)
+        chunk = 64
+        return import_raw((images[i:i + chunk] for i in range(0, len(images), chunk)),
+                          (masks[i:i + chunk] for i in range(0, len(masks), chunk)),
+                          types, out, cfg, f"synthetic(seed={cfg.synthetic_seed})",
+                          cfg.image_size, "synthetic", progress)
+    if not cfg.pannuke_path:
+        raise DataError("params: data.pannuke_path is empty; set it to your PanNuke fold zip or folder")
+    src = PanNukeSource(cfg.pannuke_path, cfg.fold)
+    shapes = src.shapes()
+    n = shapes["images"][0]
+    if len(shapes["images"]) != 4 or shapes["images"][3] != 3 or shapes["images"][1] != shapes["images"][2]:
+        raise DataError(f"{src.path}: images.npy has shape {shapes['images']}; expected (N, H, H, 3)")
+    if shapes["masks"] != shapes["images"][:3] + (6,):
+        raise DataError(f"{src.path}: masks.npy has shape {shapes['masks']}; expected "
+                        f"{shapes['images'][:3] + (6,)} to match images.npy")
+    if shapes["types"] != (n,):
+        raise DataError(f"{src.path}: types.npy has shape {shapes['types']}; expected ({n},)")
+    size = shapes["images"][1]
+    with src.open("types") as f:
+        types = next(_npy_chunks(f, "types.npy", max(n, 1)))
+    with src.open("images") as fi, src.open("masks") as fm:
+        return import_raw(_npy_chunks(fi, "images.npy", 32), _npy_chunks(fm, "masks.npy", 32),
+                          types, out, cfg, f"pannuke:{src.path.name}:fold{cfg.fold}", size,
+                          str(src.path), progress)
+
+
+# --------------------------------------------------------------------------- reading
+def _open(path: str | os.PathLike) -> h5py.File:
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise DataError(f"dataset {path} does not exist") from None
+    except OSError as err:
+        raise DataError(f"dataset {path} is not a readable HDF5 file ({err})") from None
+    for name in ("images", "masks", "split/train", "split/valid", "split/test"):
+        if name not in f:
+            f.close()
+            raise DataError(f"dataset {path} has no '{name}'; rebuild it with `mlsys prepare`")
+    return f
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    with _open(path) as f:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+def split_of(path: str | os.PathLike, split: str) -> np.ndarray:
+    with _open(path) as f:
+        return f[f"split/{split}"][:]
+
+
+def load_split(path: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (n, 3, H, W) float32 in [0, 1] and masks (n, H, W) int64 of one split."""
+    with _open(path) as f:
+        idx = f[f"split/{split}"][:]
+        try:
+            images, masks = f["images"][idx], f["masks"][idx]
+        except (OSError, ValueError) as err:
+            raise DataError(f"dataset {path} is corrupt ({err})") from None
+    return torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64))
+
+
+def image_size(path: str | os.PathLike) -> int:
+    with _open(path) as f:
+        return f["images"].shape[-1]
+
+
+def iter_chunks(path: str | os.PathLike, split: str, chunk: int
+                ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]]:
+    """Stream one split: (indices, images, masks, tissue names) chunk by chunk."""
+    with _open(path) as f:
+        idx = f[f"split/{split}"][:]
+        for s in range(0, len(idx), chunk):
+            part = idx[s:s + chunk]
+            yield (part, torch.from_numpy(f["images"][part]),
+                   torch.from_numpy(f["masks"][part].astype(np.int64)), f["tissue"][part])

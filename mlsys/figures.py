@@ -1,0 +1,120 @@
+"""The paper's kinds of figures, with one colour legend for every figure.
+
+- prediction panel: image, true mask and prediction (as label maps and per class)
+- perturbation panel: image, perturbed image, amplified difference, prediction
+- loss curves: train/valid loss per epoch, one model or the four models together
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from .params import CLASS_NAMES  # noqa: E402
+
+# background, neoplastic, inflammatory, connective, dead, epithelial (PanNuke's usual colours)
+CLASS_COLOURS = ("#000000", "#ff0000", "#00ff00", "#0000ff", "#ffff00", "#ff8c00")
+CMAP = ListedColormap(CLASS_COLOURS)
+
+
+def _img(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _labels(ax, y) -> None:
+    ax.imshow(np.asarray(y), cmap=CMAP, vmin=0, vmax=len(CLASS_NAMES) - 1, interpolation="nearest")
+
+
+def _legend(fig) -> None:
+    handles = [Patch(facecolor=c, edgecolor="grey", label=n) for c, n in zip(CLASS_COLOURS, CLASS_NAMES)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
+
+
+def _off(axes) -> None:
+    for ax in np.ravel(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def prediction_panel(images: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor, title: str):
+    """Rows = images. Columns: image, true mask, prediction, then per class c of
+    1..5 the true (outline) and predicted (filled) region of c."""
+    n = len(images)
+    pred = logits.argmax(1)
+    cols = 3 + len(CLASS_NAMES) - 1
+    fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.8 * n + 0.8), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(_img(images[i]))
+        _labels(axes[i, 1], masks[i])
+        _labels(axes[i, 2], pred[i])
+        for c in range(1, len(CLASS_NAMES)):
+            ax = axes[i, 2 + c]
+            ax.imshow((pred[i] == c).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if (masks[i] == c).any():
+                ax.contour((masks[i] == c).numpy(), levels=[0.5], colors=[CLASS_COLOURS[c]], linewidths=1)
+    for j, name in enumerate(["image", "true mask", "prediction"] + [f"{n}\n(pred, true outline)"
+                                                                      for n in CLASS_NAMES[1:]]):
+        axes[0, j].set_title(name, fontsize=8)
+    _off(axes)
+    fig.suptitle(title)
+    _legend(fig)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return fig
+
+
+def perturbation_panel(images: torch.Tensor, perturbed: torch.Tensor, masks: torch.Tensor,
+                       logits: torch.Tensor, title: str, subtitles: list[str] | None = None):
+    """Rows = images. Columns: image, perturbed image, |difference| amplified to the
+    full range, true mask, prediction on the perturbed image."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 5, figsize=(9, 1.9 * n + 0.8), squeeze=False)
+    pred = logits.argmax(1)
+    for i in range(n):
+        diff = (perturbed[i].float() - images[i].float()).abs()
+        scale = float(diff.max()) or 1.0
+        axes[i, 0].imshow(_img(images[i]))
+        axes[i, 1].imshow(_img(perturbed[i]))
+        axes[i, 2].imshow(_img(diff / scale))
+        axes[i, 2].set_xlabel(f"max |d| = {scale:.3f}", fontsize=7)
+        _labels(axes[i, 3], masks[i])
+        _labels(axes[i, 4], pred[i])
+        if subtitles:
+            axes[i, 0].set_ylabel(subtitles[i], fontsize=7)
+    for j, name in enumerate(["image", "perturbed", "difference (amplified)", "true mask",
+                              "prediction (perturbed)"]):
+        axes[0, j].set_title(name, fontsize=8)
+    _off(axes)
+    fig.suptitle(title)
+    _legend(fig)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return fig
+
+
+def loss_curves(histories: dict[str, list[dict]], title: str, keys=("train_loss", "valid_loss")):
+    """One line per (model, key); x = epoch (1-based)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, rows in histories.items():
+        for key in keys:
+            ax.plot([r["epoch"] + 1 for r in rows], [r[key] for r in rows], marker="o", markersize=3,
+                    linestyle="-" if key.startswith("valid") else "--",
+                    label=f"{name} {key.replace('_', ' ')}" if len(histories) > 1 or len(keys) > 1 else name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path) -> None:
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

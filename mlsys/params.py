@@ -1,0 +1,236 @@
+"""The one place that reads ``params.yaml``: one dataclass per section.
+
+Every field has a default (the small CPU configuration) and a one-line meaning;
+``params.yaml`` carries the same comments. Values are checked on load so that a
+typo or an impossible value fails with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CLASS_NAMES = ("background", "neoplastic", "inflammatory", "connective", "dead", "epithelial")
+
+
+class ParamsError(ValueError):
+    """A parameter has the wrong type or an impossible value."""
+
+
+@dataclass
+class DataParams:
+    source: str = "synthetic"      # "synthetic" (built-in generator) or "pannuke" (your own copy)
+    pannuke_path: str = ""         # PanNuke fold: the downloaded zip or its unpacked "Fold N" folder
+    fold: int = 2                  # PanNuke fold number inside pannuke_path (the paper uses 2)
+    n_images: int = 300            # synthetic: number of patches generated
+    image_size: int = 32           # synthetic: patch side in pixels (PanNuke: 256)
+    synthetic_seed: int = 0        # synthetic: generator seed (same seed -> same patches)
+    normalise: str = "minmax"      # "minmax": each image to [0, 1] (original code); "255": divide by 255
+    split: list[int] = field(default_factory=lambda: [6, 1, 2])  # train:valid:test ratio
+    split_seed: int = 42           # shuffle seed of the split (original code: 42)
+
+
+@dataclass
+class ModelParams:
+    base: int = 8                  # filters of the first U-Net section (paper: 64)
+    depth: int = 3                 # pooling steps; image side must be divisible by 2**depth (paper: 3)
+    dropout: float = 0.2           # dropout probability in the up path (paper: 0.2)
+    n_classes: int = 6             # output classes: background + 5 nucleus types
+
+
+@dataclass
+class TrainParams:
+    epochs: int = 12               # passes over the training set (paper: 60)
+    batch_size: int = 18           # images per optimiser step (paper: 18)
+    lr: float = 0.004              # Adam learning rate at epoch 0 (paper: 0.004)
+    lr_decay: float = 0.1          # lr is multiplied by exp(-lr_decay) every lr_step epochs
+    lr_step: int = 10              # epochs between learning-rate decays (paper: 10)
+    model4_epoch_fraction: float = 0.3333333333  # model 4 trains this fraction of `epochs` (3x the data)
+    seed: int = 0                  # seed of weight init, shuffling and dropout
+    device: str = "auto"           # "auto" (cuda if available), "cpu" or "cuda[:i]"
+    amp: bool = False              # bf16 autocast on CUDA
+    channels_last: bool = False    # channels-last memory format on CUDA
+    compile: bool = False          # wrap the model in torch.compile
+
+
+@dataclass
+class AttackParams:
+    mode: str = "faithful"         # "faithful" (original code: iterated FGSM, no projection) or "standard" PGD
+    eps: float = 0.01              # faithful: step per iteration; standard: L-inf radius (images in [0, 1])
+    alpha: float = 0.0025          # standard: step size per iteration
+    steps: int = 100               # iterations (paper: 100)
+    target: int = 0                # full-area target class (0 = background, as in the paper)
+    random_start: bool = False     # standard: start from a uniform point in the eps-ball
+    batch_size: int = 32           # images attacked at once
+    amp: bool = False              # bf16 autocast on CUDA
+
+
+@dataclass
+class EvaluateParams:
+    batch_size: int = 32           # images per forward pass
+    paper_threshold: float = 0.1   # "paper" Dice/Jaccard: softmax threshold per channel (original code)
+    n_panel: int = 4               # test images shown in the prediction panels
+    attack: AttackParams = field(default_factory=lambda: AttackParams(steps=20))
+
+
+@dataclass
+class Method1Params:
+    eps: float = 0.01              # attack step (faithful) or radius (standard)
+    alpha: float = 0.0025          # standard mode: step size
+    steps: int = 10                # iterations per class pass (paper: 100)
+    mode: str = "faithful"         # attack mode, as in AttackParams
+    batch_size: int = 32           # images attacked at once (also the HDF5 chunk written)
+
+
+@dataclass
+class Method2Params:
+    eps: float = 0.01              # size of each per-class FGSM direction
+    score: str = "l1"              # "l1": mean |onehot - softmax| (original code); "ce": cross-entropy
+    select: str = "argmin"         # "argmin": best match to the true mask (enhance); "argmax": adversarial
+    chunk: int = 243               # candidates per forward pass (divides 729 = 3^6)
+    batch_size: int = 8            # images whose directions are computed at once
+
+
+@dataclass
+class AugmentParams:
+    seed: int = 0                  # seed recorded in provenance (the methods are deterministic)
+    device: str = "auto"           # "auto", "cpu" or "cuda[:i]"
+    method1: Method1Params = field(default_factory=Method1Params)
+    method2: Method2Params = field(default_factory=Method2Params)
+
+
+@dataclass
+class TrackingParams:
+    experiment: str = "mlsys"      # MLflow experiment name (MLFLOW_EXPERIMENT_NAME wins)
+    log_model: bool = True         # log each trained U-Net as an MLflow model
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+    def validate(self) -> "Params":
+        d, m, t = self.data, self.model, self.train
+        _check(d.source in ("synthetic", "pannuke"), "data.source", d.source, '"synthetic" or "pannuke"')
+        _check(d.normalise in ("minmax", "255"), "data.normalise", d.normalise, '"minmax" or "255"')
+        _check(len(d.split) == 3 and all(r >= 0 for r in d.split) and d.split[0] > 0
+               and d.split[1] > 0 and d.split[2] > 0, "data.split", d.split,
+               "three positive ratios train:valid:test")
+        _check(d.n_images >= 3, "data.n_images", d.n_images, "at least 3")
+        _check(m.depth >= 1, "model.depth", m.depth, ">= 1")
+        _check(d.image_size > 0 and d.image_size % 2**m.depth == 0, "data.image_size",
+               d.image_size, f"a positive multiple of 2**model.depth = {2**m.depth}")
+        _check(m.base >= 1, "model.base", m.base, ">= 1")
+        _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
+        _check(2 <= m.n_classes <= 6, "model.n_classes", m.n_classes, "2..6")
+        _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+        _check(t.lr > 0, "train.lr", t.lr, "> 0")
+        _check(t.lr_step >= 1, "train.lr_step", t.lr_step, ">= 1")
+        _check(0 < t.model4_epoch_fraction <= 1, "train.model4_epoch_fraction",
+               t.model4_epoch_fraction, "in (0, 1]")
+        for name, a in (("evaluate.attack", self.evaluate.attack), ("augment.method1", self.augment.method1)):
+            _check(a.mode in ("faithful", "standard"), f"{name}.mode", a.mode, '"faithful" or "standard"')
+            _check(a.eps >= 0, f"{name}.eps", a.eps, ">= 0")
+            _check(a.steps >= 1, f"{name}.steps", a.steps, ">= 1")
+            _check(a.batch_size >= 1, f"{name}.batch_size", a.batch_size, ">= 1")
+        _check(0 <= self.evaluate.attack.target < m.n_classes, "evaluate.attack.target",
+               self.evaluate.attack.target, f"a class id in 0..{m.n_classes - 1}")
+        m2 = self.augment.method2
+        _check(m2.eps >= 0, "augment.method2.eps", m2.eps, ">= 0")
+        _check(m2.score in ("l1", "ce"), "augment.method2.score", m2.score, '"l1" or "ce"')
+        _check(m2.select in ("argmin", "argmax"), "augment.method2.select", m2.select,
+               '"argmin" or "argmax"')
+        _check(m2.chunk >= 1, "augment.method2.chunk", m2.chunk, ">= 1")
+        _check(self.evaluate.batch_size >= 1, "evaluate.batch_size", self.evaluate.batch_size, ">= 1")
+        return self
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ParamsError(f"params: {key} = {value!r} is invalid; expected {expected}")
+
+
+def _build(cls, raw, prefix: str):
+    """Build dataclass ``cls`` from a mapping, checking unknown keys and types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: {prefix or 'file'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(f"params: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key, value, hint = prefix + f.name, raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, value, hint)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"params: {key} = {value!r} is invalid; expected a list")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"params: {key} = {value!r} is invalid; expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"params: {key} = {value!r} is invalid; expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"params: {key} = {value!r} is invalid; expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ParamsError(f"params: {key} = {value!r} is invalid; expected a string")
+        return str(value)
+    return value
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; a missing file gives the defaults."""
+    path = Path(path)
+    raw = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"params: {path} is not valid YAML: {err}".splitlines()[0]) from None
+    return _build(Params, raw, "").validate()
+
+
+def section_dict(obj) -> dict:
+    """A section as a flat ``{"a.b": value}`` dict, for logging as MLflow params."""
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, value) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}{f.name}.", getattr(value, f.name))
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", obj)
+    return flat

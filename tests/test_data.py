@@ -1,0 +1,140 @@
+"""Data: PanNuke import (zip and folder), semantic rule, split, normalisation, HDF5."""
+from __future__ import annotations
+
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+from mlsys import data
+from mlsys.params import DataParams
+
+
+def fake_fold(n: int = 9, size: int = 8, seed: int = 0):
+    """Raw arrays in the exact PanNuke layout, with its awkward cases."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3)).astype(np.float64)
+    masks = np.zeros((n, size, size, 6), np.float64)
+    masks[..., 5] = 1.0
+    masks[0, 1:3, 1:3, 0] = 1000.0          # id > 255 (uint8 cast would wrap to 232)
+    masks[0, 1:3, 1:3, 5] = 0
+    masks[0, 4, 4, 1] = 256.0               # id 256: uint8 cast would give 0
+    masks[0, 4, 4, 5] = 0
+    masks[1, 2, 2, 2] = 7.0                 # a pixel set in two class channels
+    masks[1, 2, 2, 4] = 9.0
+    masks[1, 2, 2, 5] = 0
+    masks[1, 5, 5, :] = 0                   # a void pixel: zero in all six channels
+    masks[2] = 0                            # a whole void patch
+    masks[3, 0, 0, 3] = 3.0                 # dead nucleus
+    masks[3, 0, 0, 5] = 0
+    types = np.array(["Breast", "Colon", "Lung"] * (n // 3) + ["Kidney"] * (n % 3))
+    return images, masks, types
+
+
+def write_fold(folder, fold, images, masks, types):
+    base = folder / f"Fold {fold}"
+    (base / "images" / f"fold{fold}").mkdir(parents=True)
+    (base / "masks" / f"fold{fold}").mkdir(parents=True)
+    np.save(base / "images" / f"fold{fold}" / "images.npy", images)
+    np.save(base / "images" / f"fold{fold}" / "types.npy", types)
+    np.save(base / "masks" / f"fold{fold}" / "masks.npy", masks)
+    return base
+
+
+def test_semantic_rule_ids_overlap_void():
+    _, masks, _ = fake_fold()
+    sem = data.semantic_masks(masks)
+    assert sem.dtype == np.uint8 and sem.shape == masks.shape[:3]
+    assert (sem[0, 1:3, 1:3] == 1).all()        # id 1000 in channel 0 -> neoplastic
+    assert sem[0, 4, 4] == 2                    # id 256 in channel 1 -> inflammatory
+    assert sem[1, 2, 2] == 3                    # channels 2 and 4 set: the lower wins
+    assert sem[1, 5, 5] == 0 and (sem[2] == 0).all()  # void -> background
+    assert sem[3, 0, 0] == 4
+
+
+@pytest.mark.parametrize("packing", ["folder", "fold-folder", "zip"])
+def test_pannuke_import(tmp_path, packing):
+    images, masks, types = fake_fold()
+    base = write_fold(tmp_path / "src", 2, images, masks, types)
+    path = {"folder": tmp_path / "src", "fold-folder": base}.get(packing)
+    if packing == "zip":
+        path = tmp_path / "fold_2.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for f in base.rglob("*.npy"):
+                z.write(f, f.relative_to(tmp_path / "src"))
+    out = tmp_path / "clean.h5"
+    cfg = DataParams(source="pannuke", pannuke_path=str(path), fold=2, normalise="255")
+    sizes = data.prepare(cfg, out, progress=False)
+    assert sizes == {"train": 6, "valid": 1, "test": 2}
+    with h5py.File(out) as f:
+        assert f["images"].shape == (9, 3, 8, 8) and f["images"].dtype == np.float32
+        np.testing.assert_allclose(f["images"][4], images[4].transpose(2, 0, 1) / 255, rtol=1e-6)
+        np.testing.assert_array_equal(f["masks"][:], data.semantic_masks(masks))
+        assert [t.decode() for t in f["tissue"][:3]] == ["Breast", "Colon", "Lung"]
+        assert f.attrs["source"].startswith("pannuke:")
+        assert "lowest channel" in f.attrs["overlap_rule"]
+        all_idx = np.concatenate([f[f"split/{s}"][:] for s in data.SPLITS])
+        assert sorted(all_idx) == list(range(9))
+
+
+def test_pannuke_errors(tmp_path):
+    cfg = DataParams(source="pannuke", pannuke_path=str(tmp_path / "nope"))
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+    (tmp_path / "empty").mkdir()
+    cfg.pannuke_path = str(tmp_path / "empty")
+    with pytest.raises(data.DataError, match="expected one images.npy"):
+        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+    images, masks, types = fake_fold()
+    base = write_fold(tmp_path / "bad", 2, images, masks[:5], types)
+    cfg.pannuke_path = str(base)
+    with pytest.raises(data.DataError, match="masks.npy has shape"):
+        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+    images[3, 0, 0, 0] = np.nan
+    base = write_fold(tmp_path / "nan", 2, images, masks, types)
+    cfg.pannuke_path = str(base)
+    with pytest.raises(data.DataError, match="NaN"):
+        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+    assert not (tmp_path / "o.h5").exists() and not list(tmp_path.glob(".o.h5*"))
+
+
+def test_split_sizes_match_paper():
+    s = data.split_indices(2523, [6, 1, 2], 42)
+    assert [len(s[k]) for k in data.SPLITS] == [1682, 280, 561]
+    assert len(np.unique(np.concatenate(list(s.values())))) == 2523
+    again = data.split_indices(2523, [6, 1, 2], 42)
+    assert all((s[k] == again[k]).all() for k in data.SPLITS)
+
+
+def test_normalisation_modes():
+    raw = np.stack([np.full((4, 4, 3), 50.0), np.arange(48, dtype=float).reshape(4, 4, 3) + 10])
+    mm = data.normalise_images(raw, "minmax")
+    assert mm.shape == (2, 3, 4, 4)
+    assert (mm[0] == 0).all()                     # constant image
+    assert mm[1].min() == 0 and mm[1].max() == 1
+    np.testing.assert_allclose(data.normalise_images(raw, "255"), raw.transpose(0, 3, 1, 2) / 255, rtol=1e-6)
+
+
+def test_synthetic_prepare_and_load(tmp_path):
+    out = tmp_path / "clean.h5"
+    cfg = DataParams(n_images=18, image_size=16)
+    sizes = data.prepare(cfg, out, progress=False)
+    assert sum(sizes.values()) == 18
+    x, y = data.load_split(out, "train")
+    assert x.shape == (sizes["train"], 3, 16, 16) and x.dtype.is_floating_point
+    assert 0 <= float(x.min()) and float(x.max()) <= 1 and y.max() <= 5
+    chunks = list(data.iter_chunks(out, "train", 5))
+    assert sum(len(c[0]) for c in chunks) == sizes["train"]
+
+
+def test_corrupt_and_incomplete_h5(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an hdf5 file")
+    with pytest.raises(data.DataError, match="not a readable HDF5"):
+        data.load_split(bad, "train")
+    part = tmp_path / "part.h5"
+    with h5py.File(part, "w") as f:
+        f["images"] = np.zeros((2, 3, 8, 8), np.float32)
+    with pytest.raises(data.DataError, match="has no 'masks'"):
+        data.load_split(part, "train")
