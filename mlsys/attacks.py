@@ -54,9 +54,10 @@ def input_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lo
     Images do not interact in the U-Net (no batch norm), so each image's gradient
     direction -- all that sign() keeps -- is the same whatever batch it is in."""
     x = x.detach().requires_grad_(True)
-    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
-        logits = model(x)
-    loss = loss_fn(logits, target)
+    with torch.enable_grad():  # also inside a caller's torch.no_grad() block
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+            logits = model(x)
+        loss = loss_fn(logits, target)
     (grad,) = torch.autograd.grad(loss, x)
     return grad
 

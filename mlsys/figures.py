@@ -118,3 +118,20 @@ def save(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def metric_bars(t1: dict, t2: dict, metrics=("accuracy", "dice", "paper_dice")):
+    """Grouped bars: each model's clean and attacked value of a few metrics."""
+    models = t1["model"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
+    x = np.arange(len(models))
+    for ax, key in zip(axes[0], metrics):
+        ax.bar(x - 0.2, t1[key], 0.4, label="clean", color="#4c72b0")
+        ax.bar(x + 0.2, t2[key], 0.4, label="attacked", color="#dd8452")
+        ax.set_xticks(x, models, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(key)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,193 @@
+"""Tests of the two augmentation methods (mlsys.augment) against plain loops: method
+two's search against a brute force over all 3^C sign vectors (both scores, both
+selections, chunk boundaries, the clean image winning), the per-class directions
+against one gradient at a time, and method one against hand-chained PGD passes."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlsys.attacks import full_area, input_grad, pgd
+from mlsys.augment import class_directions, method_one, method_two, search_image
+from mlsys.model import UNet
+from mlsys.ops import index_signs
+from mlsys.params import Method1Params, Method2Params
+
+SIZE = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine run far faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def unet(n_classes: int = 6, seed: int = 0) -> UNet:
+    """A tiny untrained U-Net with dropout, so an attack that forgot eval mode shows."""
+    torch.manual_seed(seed)
+    return UNet(n_classes=n_classes, base=4, depth=2, dropout=0.5)
+
+
+def batch(n: int, n_classes: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = 0.1 + 0.8 * torch.rand(n, 3, SIZE, SIZE, generator=g)
+    return x, torch.randint(0, n_classes, (n, SIZE, SIZE), generator=g)
+
+
+def brute_force(model, x, dirs, mask, score):
+    """Every sign vector s in {-1, 0, +1}^C by an explicit loop: the candidate
+    clip(x + sum_c s_c a_c, 0, 1) and its score against the true mask.
+    x: (3, H, W); dirs: (C, 3, H, W); mask: (H, W). Returns {signs: (image, score)}."""
+    C = len(dirs)
+    signs = list(itertools.product((-1, 0, 1), repeat=C))
+    cands = []
+    for s in signs:
+        xs = x.clone()
+        for c in range(C):
+            xs = xs + s[c] * dirs[c]
+        cands.append(xs.clamp(0, 1))
+    cands = torch.stack(cands)
+    model.eval()
+    with torch.no_grad():
+        logits = model(cands)
+    if score == "l1":
+        onehot = F.one_hot(mask, C).permute(2, 0, 1).float()
+        values = (onehot - logits.softmax(1)).abs().mean(dim=(1, 2, 3))
+    else:
+        picked = logits.log_softmax(1).gather(1, mask.expand(len(signs), 1, *mask.shape))
+        values = -picked.mean(dim=(1, 2, 3))
+    return {s: (cand, float(v)) for s, cand, v in zip(signs, cands, values)}
+
+
+# --------------------------------------------------------------------------- method two
+@pytest.mark.parametrize("n_classes", [3, 6])
+@pytest.mark.parametrize("score, select", [("l1", "argmin"), ("ce", "argmin"), ("l1", "argmax"),
+                                           ("ce", "argmax")])
+def test_method_two_finds_the_brute_force_best(n_classes, score, select):
+    model = unet(n_classes)
+    x, masks = batch(2, n_classes)
+    # chunk 50 does not divide 27 or 729: the best may sit in any chunk, the last one short
+    cfg = Method2Params(eps=0.05, score=score, select=select, chunk=50 if n_classes == 6 else 10)
+    model.train()  # method two must evaluate the model regardless
+    images, signs, scores, indices = method_two(model, x, masks, cfg)
+    assert model.training
+    dirs = class_directions(model, x, cfg.eps)
+    pick = min if select == "argmin" else max
+    for n in range(len(x)):
+        table = brute_force(model, x[n], dirs[n], masks[n], score)
+        best = pick(v for _, v in table.values())
+        assert abs(float(scores[n]) - best) <= 1e-6 * max(1.0, abs(best))
+        s = tuple(int(v) for v in signs[n])
+        cand, value = table[s]
+        assert abs(value - best) <= 1e-6 * max(1.0, abs(best))  # the signs name a best one
+        torch.testing.assert_close(images[n], cand, atol=1e-6, rtol=0)
+        assert torch.equal(index_signs(indices[n:n + 1], n_classes)[0], signs[n])
+    # the search is not trivial: some image is best served by a perturbed candidate
+    assert (indices != 0).any()
+
+
+def test_method_two_output_shapes_and_dtypes():
+    C, n = 6, 3
+    model = unet(C)
+    x, masks = batch(n, C)
+    images, signs, scores, indices = method_two(model, x, masks, Method2Params(eps=0.02, chunk=243))
+    assert images.shape == (n, 3, SIZE, SIZE) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert signs.shape == (n, C) and signs.dtype == torch.int8
+    assert set(signs.unique().tolist()) <= {-1, 0, 1}
+    assert scores.shape == (n,) and scores.dtype == torch.float32
+    assert indices.shape == (n,) and indices.dtype == torch.int64
+    assert ((indices >= 0) & (indices < 3**C)).all()
+    assert (images - x).abs().amax() <= C * 0.02 + 1e-6
+
+
+def test_search_keeps_the_clean_image_when_every_perturbation_hurts():
+    """Directions a_c = 2^c on every pixel: any non-zero sign vector moves every pixel
+    by at least 1, so the candidates are x itself (index 0) and the all-zeros and
+    all-ones images. With the mask the model predicts for x, x is the best of them."""
+    C = 4
+    model = unet(C).eval()
+    x = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mask = model(x[None]).argmax(1)[0]
+    dirs = torch.stack([torch.full_like(x, 2.0**c) for c in range(C)])
+    table = brute_force(model, x, dirs, mask, "l1")
+    clean = table[(0,) * C][1]
+    # precondition: every other candidate is a constant image and scores worse
+    for s, (cand, value) in table.items():
+        if any(s):
+            assert cand.unique().numel() == 1 and value > clean + 1e-3
+    for chunk in (7, 81):
+        idx, value = search_image(model, x, dirs, mask, "l1", "argmin", chunk)
+        assert idx == 0 and abs(value - clean) <= 1e-6
+        assert (index_signs(torch.tensor([idx]), C) == 0).all()
+        # the adversarial selection does move away from the clean image
+        idx, value = search_image(model, x, dirs, mask, "l1", "argmax", chunk)
+        assert idx != 0 and value > clean
+
+
+@pytest.mark.parametrize("select", ["argmin", "argmax"])
+def test_search_ties_go_to_the_lowest_index(select):
+    """A model whose output ignores its input scores every candidate the same: the
+    first index (the clean image) must win, across chunk boundaries too."""
+    C = 3
+    model = unet(C).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.5, -0.2, 0.1]))
+    x = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    dirs = 0.1 * torch.randn(C, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6)).sign()
+    mask = torch.randint(0, C, (SIZE, SIZE), generator=torch.Generator().manual_seed(7))
+    for chunk in (5, 27):
+        idx, _ = search_image(model, x, dirs, mask, "l1", select, chunk)
+        assert idx == 0
+
+
+def test_class_directions_match_one_gradient_at_a_time():
+    C, eps = 6, 0.03
+    model = unet(C)
+    x, _ = batch(3, C)
+    model.train()
+    dirs = class_directions(model, x, eps)
+    assert model.training
+    assert dirs.shape == (3, C, 3, SIZE, SIZE)
+    model.eval()
+    for n in range(len(x)):
+        xn = x[n:n + 1]
+        for c in range(C):
+            want = eps * input_grad(model, xn, full_area(xn, c)).sign()[0]
+            assert torch.equal(dirs[n, c], want), f"image {n}, class {c}"
+    assert ((dirs == 0) | (dirs.abs() == torch.tensor(eps))).all()
+    assert (dirs != 0).float().mean() > 0.9
+
+
+# --------------------------------------------------------------------------- method one
+@pytest.mark.parametrize("mode", ["faithful", "standard"])
+def test_method_one_chains_a_targeted_pass_per_class(mode):
+    C = 3
+    model = unet(C)
+    x, _ = batch(2, C)
+    cfg = Method1Params(eps=0.02, alpha=0.01, steps=3, mode=mode)
+    out = method_one(model, x, cfg)
+    assert out.shape == x.shape
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().amax() > 0.005
+    want = x
+    for c in range(C):
+        want = pgd(model, want, full_area(want, c), mode=mode, eps=cfg.eps, alpha=cfg.alpha,
+                   steps=cfg.steps, targeted=True)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+    # the final pass is toward the last class: a single pass toward class 0 differs
+    assert not torch.allclose(out, pgd(model, x, full_area(x, 0), mode=mode, eps=cfg.eps,
+                                       alpha=cfg.alpha, steps=cfg.steps), atol=1e-4)
+    # an explicit class order is followed
+    picked = method_one(model, x, cfg, classes=[2, 0])
+    want = pgd(model, x, full_area(x, 2), mode=mode, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps)
+    want = pgd(model, want, full_area(x, 0), mode=mode, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps)
+    torch.testing.assert_close(picked, want, atol=1e-6, rtol=0)
