@@ -266,8 +266,10 @@ def cmd_report(args, p) -> None:
         t1, t2, attack = report.tables_from_eval(evals)
         figs: list[tuple[str, str]] = []
         (out / "figures").mkdir(parents=True, exist_ok=True)
+        titles = {"table1": "Table 1: clean test split", "table2": f"Table 2: under attack ({attack})"}
         for name, tab in (("table1", t1), ("table2", t2)):
             (out / f"{name}.csv").write_text(report.to_csv(tab))
+            (out / f"{name}.md").write_text(report.to_markdown(tab, titles[name]))
             mlflow.log_table(tab, f"tables/{name}.json")
         histories = {}
         for m in MODELS:
@@ -298,8 +300,8 @@ def cmd_report(args, p) -> None:
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent:  # the pipeline run carries the report too, where users look first
             mlflow.MlflowClient().log_artifacts(parent, str(out), "report")
-        print(report.to_markdown(t1, "Table 1: clean test split"))
-        print(report.to_markdown(t2, f"Table 2: under attack ({attack})"))
+        print((out / "table1.md").read_text())
+        print((out / "table2.md").read_text())
 
 
 def cmd_compare(args, p) -> None:
@@ -339,7 +341,7 @@ def cmd_compare(args, p) -> None:
                                             "alpha": tags.get("evaluate.attack.alpha"),
                                             "target": int(tags.get("evaluate.attack.target", 0))}}
     t1, t2, attack = report.tables_from_eval(evals)
-    print(f"runs: {', '.join(f'{m}={r.info.run_id[:8]}' for m, r in latest.items() if m)}"
+    print(f"runs: {', '.join(f'{m}={latest[m].info.run_id[:8]}' for m in MODELS if m in latest)}"
           + (f" (missing: {', '.join(missing)})" if missing else ""))
     print(report.to_markdown(t1, "Table 1: clean test split"))
     print(report.to_markdown(t2, f"Table 2: under attack ({attack})"))

@@ -98,21 +98,15 @@ def test_repro_logs_parent_and_stage_runs(pipeline):
     assert {"figures/loss_curves.png", "figures/predictions_valid.png"} <= artifacts
     inputs = [d.dataset.name for d in train.inputs.dataset_inputs]
     assert "clean.h5" in inputs
-    models = mlflow_models(client, train.info.run_id)
-    assert models, "the trained U-Net is logged as an MLflow model"
+    models = client.search_logged_models([train.info.experiment_id],
+                                         filter_string=f"source_run_id = '{train.info.run_id}'")
+    assert [m.name for m in models] == ["model"], "the trained U-Net is logged as an MLflow model"
 
     ev = children["evaluate@model3"]
     for key in ("clean/accuracy", "clean/dice", "clean/paper_dice", "attack/accuracy", "attack/jaccard",
                 "clean/dice/neoplastic"):
         assert key in ev.data.metrics
     assert children["augment@method2"].data.metrics["n_images"] == 18
-
-
-def mlflow_models(client, run_id):
-    import mlflow
-
-    return mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list") \
-        if hasattr(mlflow, "search_logged_models") else client.list_artifacts(run_id)
 
 
 def test_outputs_report_and_second_repro_runs_nothing(pipeline):
@@ -134,7 +128,8 @@ def test_compare_prints_both_tables(pipeline):
     repo, _ = pipeline
     out = run(repo, sys.executable, "-m", "mlsys", "compare").stdout
     assert "Table 1" in out and "Table 2" in out and "faithful attack, 2 steps" in out
-    assert out.count("| model") == 2 and "model4" in out
+    assert out.count("| model | loss | accuracy | dice |") == 2
+    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 2
 
 
 def test_exp_run_changes_only_what_depends_on_the_param(pipeline):
