@@ -11,7 +11,7 @@
 //       "l1": mean over (C,H,W) of |onehot(mask) - softmax(logits)|; "ce": mean over (H,W)
 //       of the cross-entropy; best = first argmin ("argmin") or argmax ("argmax").
 
-#include <Python.h>  // first, as Python asks; only for the module stub at the end
+#include <pybind11/pybind11.h>  // first: it includes Python.h, which asks to come first
 
 #include "ops.h"
 
@@ -146,31 +146,14 @@ TORCH_LIBRARY(mlsys, m) {
 }  // namespace mlsys
 
 // Importing the module `mlsys._C` (after `import torch`) loads this library, whose static
-// initialisers above register the ops as torch.ops.mlsys.*. A plain CPython module stub, as
-// in pytorch/extension-cpp: pybind11 would add ~10 s of compile time for no function.
-// Attribute cuda_kernels (0/1): whether the CUDA kernels were compiled in.
-#define MLSYS_CAT_(a, b) a##b
-#define MLSYS_CAT(a, b) MLSYS_CAT_(a, b)
-#define MLSYS_STR_(a) #a
-#define MLSYS_STR(a) MLSYS_STR_(a)
-
-extern "C" PyMODINIT_FUNC MLSYS_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      MLSYS_STR(TORCH_EXTENSION_NAME),
-      "mlsys native ops; use them through torch.ops.mlsys or mlsys.ops",
-      -1,
-      nullptr,
-  };
-  PyObject* module = PyModule_Create(&module_def);
+// initialisers above register the ops as torch.ops.mlsys.*. The module itself (pybind11,
+// plain pybind11 header only: torch/extension.h would double the compile time) carries one
+// attribute, cuda_kernels: whether the CUDA kernels were compiled in.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mlsys native ops; use them through torch.ops.mlsys or mlsys.ops";
 #ifdef MLSYS_WITH_CUDA
-  constexpr long kCuda = 1;
+  m.attr("cuda_kernels") = true;
 #else
-  constexpr long kCuda = 0;
+  m.attr("cuda_kernels") = false;
 #endif
-  if (module != nullptr && PyModule_AddIntConstant(module, "cuda_kernels", kCuda) != 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
 }

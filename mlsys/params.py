@@ -44,7 +44,7 @@ class ModelParams:
 
 @dataclass
 class TrainParams:
-    epochs: int = 12               # passes over the training set (paper: 60)
+    epochs: int = 30               # passes over the training set (paper: 60)
     batch_size: int = 18           # images per optimiser step (paper: 18)
     lr: float = 0.004              # Adam learning rate at epoch 0 (paper: 0.004)
     lr_decay: float = 0.1          # lr is multiplied by exp(-lr_decay) every lr_step epochs

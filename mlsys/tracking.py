@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -63,6 +64,8 @@ def redact(uri: str) -> str:
 
 def setup(experiment: str = "mlsys") -> str:
     """Point MLflow at the project store and experiment; returns the experiment id."""
+    for noisy in ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # store creation chatter
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment)
     try:

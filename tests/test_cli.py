@@ -1,0 +1,50 @@
+"""The command line: help for every stage, one-line errors, failed runs end FAILED."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mlsys(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLSYS_PROGRESS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "mlsys", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "augment", "evaluate", "report", "compare", "ui"])
+def test_every_stage_has_help(tmp_path, stage):
+    out = mlsys(tmp_path, stage, "--help")
+    assert out.returncode == 0 and "usage: mlsys" in out.stdout
+
+
+def test_bad_param_is_one_line_naming_the_key(tmp_path):
+    (tmp_path / "params.yaml").write_text("augment:\n  method1:\n    eps: -0.5\n")
+    out = mlsys(tmp_path, "prepare")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("mlsys prepare: error: params: augment.method1.eps = -0.5 is invalid; "
+                                  "expected >= 0")
+    (tmp_path / "params.yaml").write_text("data:\n  image_size: 30\n")
+    out = mlsys(tmp_path, "prepare")
+    assert "data.image_size = 30" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_failing_stage_ends_its_run_failed(tmp_path):
+    import mlflow
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")          # marks the project root
+    out = mlsys(tmp_path, "evaluate", "model1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "weights models/model1.pt do not exist" in out.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mlsys").experiment_id])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("evaluate@model1", "FAILED")]
+    debug = mlsys(tmp_path, "--debug", "evaluate", "model1")
+    assert "Traceback" in debug.stderr
