@@ -99,8 +99,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *, mode: 
     return adv
 
 
-def attack_from_params(model: torch.nn.Module, x: torch.Tensor, cfg, target_class: int,
-                       progress=None) -> torch.Tensor:
+def attack_from_params(model: torch.nn.Module, x: torch.Tensor, cfg, target_class: int) -> torch.Tensor:
     """Targeted attack toward full-area ``target_class`` with settings ``cfg``
     (an AttackParams or Method1Params)."""
     return pgd(model, x, full_area(x, target_class), mode=cfg.mode, eps=cfg.eps,

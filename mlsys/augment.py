@@ -14,8 +14,12 @@ through the fused ops there, whose plain-PyTorch references define the results.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attacks import eval_mode, full_area, input_grad, pgd
-from .data import create_dataset, image_size, iter_chunks, split_of
+from .data import atomic_path, create_dataset, image_size, iter_chunks, split_of
 from .params import Method1Params, Method2Params
 
 
@@ -65,7 +69,9 @@ def search_image(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, ma
     for start in range(0, total, chunk):
         count = min(chunk, total - start)
         cand = ops.candidates(x, dirs, start, count, 0.0, 1.0, dtype, channels_last)
-        scores, idx = ops.score(model(cand), mask, score, select)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(cand)  # bf16 candidates need the bf16 forward of autocast
+        scores, idx = ops.score(logits, mask, score, select)
         value = float(scores[idx])
         better = best is None or (value < best if select == "argmin" else value > best)
         if better:
@@ -94,10 +100,69 @@ def method_two(model: torch.nn.Module, x: torch.Tensor, masks: torch.Tensor, cfg
 
 
 # --------------------------------------------------------------------------- the stage's work
+def _file_md5(path: str | os.PathLike) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters and buffers (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _open_partial(partial: Path, fingerprint: dict) -> None:
+    """The folder of finished chunks of an interrupted run of the same work (same
+    fingerprint); any other content is discarded."""
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    stamp = partial / "fingerprint.json"
+    if partial.exists():
+        try:
+            same = stamp.read_text() == text
+        except OSError:
+            same = False
+        if not same:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    if not stamp.exists():
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(text)
+
+
+def _load_chunk(path: Path, count: int) -> dict[str, np.ndarray] | None:
+    """A finished chunk (written whole by _save_chunk), or None."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception:  # noqa: BLE001 - unreadable: recompute it
+        path.unlink(missing_ok=True)
+        return None
+    return arrays if len(arrays.get("images", ())) == count else None
+
+
+def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out: str | os.PathLike,
               cfg, device: torch.device, provenance: dict, progress: bool = True) -> dict[str, float]:
     """Write data/<method>.h5: the training split of ``clean`` perturbed by ``method``
-    (true masks kept), streamed chunk by chunk. Returns summary statistics."""
+    (true masks kept), streamed chunk by chunk. Returns summary statistics.
+
+    Resume: every finished chunk is also kept in ``.<out name>.partial/`` beside ``out``,
+    under a fingerprint of the inputs (clean data md5, model weights, settings, device,
+    ops backend). A run killed at any point continues from its last finished chunk and
+    writes the same dataset as an uninterrupted run; the folder is removed on success."""
     mcfg: Method1Params | Method2Params = getattr(cfg, method)
     train = split_of(clean, "train")
     n = len(train)
@@ -108,26 +173,40 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
              "settings": asdict(mcfg), "class_order": list(range(C)), "seed": cfg.seed,
              "mode": getattr(mcfg, "mode", "signed-combination search")}
     model.to(device)
+    out = Path(out)
+    partial = out.with_name(f".{out.name}.partial")
+    _open_partial(partial, {"method": method, "settings": asdict(mcfg), "n": n, "classes": C,
+                            "clean_md5": _file_md5(clean), "model": _model_digest(model),
+                            "device": device.type, "ops": ops.backend() if method == "method2" else None})
     linf, l2 = [], []
+    resumed = 0
     size = image_size(clean)
     splits = {"train": np.arange(n), "valid": np.arange(0), "test": np.arange(0)}
     with create_dataset(out, n, size, attrs, splits, extra) as w, \
             tqdm(total=n, desc=method, unit="img", disable=not progress) as bar:
         start = 0
         for idx, images, masks, tissue in iter_chunks(clean, "train", mcfg.batch_size):
-            images, masks = images.to(device), masks.to(device)
-            if method == "method1":
-                adv = method_one(model, images, mcfg)
-                w.write(start, images=adv.cpu(), masks=masks.to(torch.uint8).cpu())
+            saved = partial / f"{start:09d}.npz"
+            result = _load_chunk(saved, len(idx))
+            if result is None:
+                x, y = images.to(device), masks.to(device)
+                if method == "method1":
+                    result = {"images": method_one(model, x, mcfg).cpu().numpy()}
+                else:
+                    adv, signs, scores, index = method_two(model, x, y, mcfg)
+                    result = {"images": adv.cpu().numpy(), "signs": signs.cpu().numpy(),
+                              "score": scores.cpu().numpy(), "index": index.cpu().numpy()}
+                _save_chunk(saved, result)  # the resume point: this chunk is done
             else:
-                adv, signs, scores, index = method_two(model, images, masks, mcfg)
-                w.write(start, images=adv.cpu(), masks=masks.to(torch.uint8).cpu(), signs=signs,
-                        score=scores, index=index)
-            w.write(start, tissue=tissue)
-            d = (adv - images).flatten(1)
+                resumed += len(idx)
+            w.write(start, masks=masks.to(torch.uint8), tissue=tissue, **result)
+            d = (torch.from_numpy(result["images"]) - images).flatten(1)
             linf += d.abs().amax(1).tolist()
             l2 += d.norm(dim=1).tolist()
             start += len(idx)
             bar.update(len(idx))
+    shutil.rmtree(partial, ignore_errors=True)
+    if resumed:
+        print(f"{method}: resumed {resumed} of {n} images from {partial}")
     return {"n_images": float(n), "mean_linf": float(np.mean(linf)), "mean_l2": float(np.mean(l2))}
 

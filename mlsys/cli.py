@@ -24,6 +24,8 @@ PATHS = {
     "eval_figures": "plots/eval/{}",
     "augment_metrics": "metrics/augment/{}.json",
     "report": "reports",
+    "report_metrics": "metrics/report.json",
+    "class_plot": "plots/report/per_class_dice.csv",
 }
 
 
@@ -32,6 +34,14 @@ def _write_json(path: str, obj) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _method_tag(model: str) -> str:
+    """Which augmentation methods a model's training sets come from ("clean" for model 1),
+    so that filtering runs by ``tags.`mlsys.method``` finds a method's set and its models."""
+    from .train import MODELS
+
+    return "+".join(s for s in MODELS[model] if s != "clean") or "clean"
 
 
 def _progress() -> bool:
@@ -55,8 +65,8 @@ def cmd_prepare(args, p) -> None:
         mlflow.log_metrics({f"split/{k}": v for k, v in sizes.items()})
         mlflow.log_metrics({f"class_fraction/{n}": c / counts.sum() for n, c in zip(CLASS_NAMES, counts)})
         tracking.log_dataset(PATHS["clean"], "output")
-        images, masks = data.load_split(PATHS["clean"], "train")
-        fig = figures.perturbation_panel(images[:4], images[:4], masks[:4], _onehot_logits(masks[:4]),
+        images, masks = data.head(PATHS["clean"], "train", 4)
+        fig = figures.perturbation_panel(images, images, masks, _onehot_logits(masks),
                                          "training samples (image, mask)")
         mlflow.log_figure(fig, "figures/samples.png")
         print(f"prepare: {PATHS['clean']} ({sizes['train']}/{sizes['valid']}/{sizes['test']} "
@@ -88,7 +98,7 @@ def cmd_train(args, p) -> None:
     params["train.epochs_effective"] = epochs
     params["train.sets"] = ",".join(sets)
     with tracking.stage_run(f"train@{name}", params, p.tracking.experiment,
-                            {"mlsys.stage": "train", "mlsys.model": name}):
+                            {"mlsys.stage": "train", "mlsys.model": name, "mlsys.method": _method_tag(name)}):
         parts = [data.load_split(path, "train") for path in paths]
         train = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         valid = data.load_split(PATHS["clean"], "valid")
@@ -115,7 +125,9 @@ def cmd_train(args, p) -> None:
                    "final/valid_dice": history[-1]["valid_dice"],
                    "final/valid_accuracy": history[-1]["valid_accuracy"], "n_train_images": len(train[0])}
         mlflow.log_metrics(summary)
-        _write_json(PATHS["train_metrics"].format(name), summary)
+        # the registry (report stage) finds this run's model by the md5 DVC records for the weights
+        mlflow.set_tag("mlsys.weights_md5", tracking.file_md5(PATHS["weights"].format(name)))
+        _write_json(PATHS["train_metrics"].format(name), {**summary, "mlflow_run_id": mlflow.active_run().info.run_id})
         _write_csv(PATHS["train_plot"].format(name), history)
         mlflow.log_figure(figures.loss_curves({name: history}, f"{name}: loss per epoch"),
                           "figures/loss_curves.png")
@@ -166,8 +178,9 @@ def cmd_evaluate(args, p) -> None:
     name, cfg, acfg = args.model, p.evaluate, p.evaluate.attack
     params = {f"evaluate.{k}": v for k, v in section_dict(cfg).items()}
     with tracking.stage_run(f"evaluate@{name}", params, p.tracking.experiment,
-                            {"mlsys.stage": "evaluate", "mlsys.model": name,
+                            {"mlsys.stage": "evaluate", "mlsys.model": name, "mlsys.method": _method_tag(name),
                              "mlsys.attack_mode": acfg.mode}):
+        torch.manual_seed(0)  # standard PGD's random start: the same draws on every run
         device = pick_device(p.train.device)
         model = load_weights(PATHS["weights"].format(name), p.model).to(device).eval()
         tracking.log_dataset(PATHS["clean"], "evaluation")
@@ -195,17 +208,17 @@ def cmd_evaluate(args, p) -> None:
                "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
                                    "target": acfg.target, "alpha": acfg.alpha}}
         mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
-        _write_json(PATHS["eval_metrics"].format(name), res)
-        out = Path(PATHS["eval_figures"].format(name))
-        fig = figures.perturbation_panel(*panel, f"{name} under {acfg.mode} attack ({acfg.steps} steps, "
-                                                 f"eps {acfg.eps}, target class {acfg.target})")
-        mlflow.log_figure(fig, "figures/attack_panel.png")
-        figures.save(fig, out / "attack_panel.png")
-        fig = figures.prediction_panel(panel[0], panel[2], predict(model.cpu(), panel[0], len(panel[0]),
-                                                                   torch.device("cpu")),
-                                       f"{name}: test predictions (clean)")
-        mlflow.log_figure(fig, "figures/predictions_test.png")
-        figures.save(fig, out / "predictions_clean.png")
+        with data.atomic_dir(PATHS["eval_figures"].format(name)) as out:  # a DVC out dir: all or nothing
+            fig = figures.perturbation_panel(*panel, f"{name} under {acfg.mode} attack ({acfg.steps} steps, "
+                                                     f"eps {acfg.eps}, target class {acfg.target})")
+            mlflow.log_figure(fig, "figures/attack_panel.png")
+            figures.save(fig, out / "attack_panel.png")
+            fig = figures.prediction_panel(panel[0], panel[2], predict(model.cpu(), panel[0], len(panel[0]),
+                                                                       torch.device("cpu")),
+                                           f"{name}: test predictions (clean)")
+            mlflow.log_figure(fig, "figures/predictions_test.png")
+            figures.save(fig, out / "predictions_clean.png")
+        _write_json(PATHS["eval_metrics"].format(name), {**res, "mlflow_run_id": mlflow.active_run().info.run_id})
         print(f"evaluate@{name}: clean accuracy {res['clean']['accuracy']:.4f} dice {res['clean']['dice']:.4f}"
               f" | attacked accuracy {res['attack']['accuracy']:.4f} dice {res['attack']['dice']:.4f}")
 
@@ -238,13 +251,12 @@ def cmd_augment(args, p) -> None:
         mlflow.log_metrics(stats)
         _write_json(PATHS["augment_metrics"].format(method), stats)
         tracking.log_dataset(out, "output")
-        clean, _ = data.load_split(PATHS["clean"], "train")
-        pert, masks = data.load_split(out, "train")
-        n = min(4, len(clean))
+        clean, _ = data.head(PATHS["clean"], "train", 4)
+        pert, masks = data.head(out, "train", 4)
         from .evaluate import predict
 
-        logits = predict(model.cpu(), pert[:n], n, torch.device("cpu"))
-        fig = figures.perturbation_panel(clean[:n], pert[:n], masks[:n], logits, f"{method} training set")
+        logits = predict(model.cpu(), pert, len(pert), torch.device("cpu"))
+        fig = figures.perturbation_panel(clean, pert, masks, logits, f"{method} training set")
         mlflow.log_figure(fig, "figures/perturbation_panel.png")
         print(f"augment@{method}: {out} ({int(stats['n_images'])} images, mean L-inf {stats['mean_linf']:.4f})")
 
@@ -260,8 +272,9 @@ def cmd_report(args, p) -> None:
     from .evaluate import predict
     from .train import MODELS, load_weights
 
-    out = Path(PATHS["report"])
-    with tracking.stage_run("report", {}, p.tracking.experiment, {"mlsys.stage": "report"}) as run:
+    # reports/ is a DVC out dir written file by file: build it beside and rename it when complete
+    with tracking.stage_run("report", {}, p.tracking.experiment, {"mlsys.stage": "report"}) as run, \
+            data.atomic_dir(PATHS["report"]) as out:
         evals = {m: json.loads(Path(PATHS["eval_metrics"].format(m)).read_text()) for m in MODELS}
         t1, t2, attack = report.tables_from_eval(evals)
         figs: list[tuple[str, str]] = []
@@ -278,30 +291,63 @@ def cmd_report(args, p) -> None:
         fig = figures.loss_curves(histories, "validation loss of the four models", keys=("valid_loss",))
         figures.save(fig, out / "figures/validation_loss.png")
         figs.append(("Validation loss", "figures/validation_loss.png"))
-        figures.save(figures.metric_bars(t1, t2), out / "figures/clean_vs_attack.png")
+        figures.save(figures.metric_bars(t1, t2, title=f"clean test split vs {attack.split(',')[0]}"),
+                     out / "figures/clean_vs_attack.png")
         figs.append(("Clean vs attacked", "figures/clean_vs_attack.png"))
+        figures.save(figures.per_class_bars(t1, t2), out / "figures/per_class_dice.png")
+        figs.append(("Per-class Dice", "figures/per_class_dice.png"))
+        _write_csv(PATHS["class_plot"], report.per_class_rows(evals))
         for m in MODELS:
             shutil.copy(Path(PATHS["eval_figures"].format(m)) / "attack_panel.png",
                         out / f"figures/{m}_attack_panel.png")
             figs.append((f"{report.MODEL_LABELS[m]} under attack", f"figures/{m}_attack_panel.png"))
         model1 = load_weights(PATHS["weights"].format("model1"), p.model).eval()
-        clean, _ = data.load_split(PATHS["clean"], "train")
-        n = min(p.evaluate.n_panel, len(clean))
+        clean, _ = data.head(PATHS["clean"], "train", p.evaluate.n_panel)
         for method in ("method1", "method2"):
-            pert, masks = data.load_split(PATHS["set"].format(method), "train")
-            logits = predict(model1, pert[:n], n, torch.device("cpu"))
-            fig = figures.perturbation_panel(clean[:n], pert[:n], masks[:n], logits,
+            pert, masks = data.head(PATHS["set"].format(method), "train", p.evaluate.n_panel)
+            logits = predict(model1, pert, len(pert), torch.device("cpu"))
+            fig = figures.perturbation_panel(clean, pert, masks, logits,
                                              f"{method} training images (prediction: model 1)")
             figures.save(fig, out / f"figures/{method}_perturbation.png")
             figs.append((f"{method} perturbations", f"figures/{method}_perturbation.png"))
-        page = report.markdown_report(t1, t2, attack, figs)
-        (out / "report.md").write_text(page)
+        summary = {"mlflow": {"pipeline_run_id": run.data.tags.get("mlflow.parentRunId", ""),
+                              "report_run_id": run.info.run_id}}
+        notes = ()
+        if p.tracking.log_model:  # the champion joins the model registry
+            summary["champion"] = _register_champion(evals, p)
+            notes = (report.champion_line(evals, summary["champion"]["registered_model"],
+                                          summary["champion"]["version"], tracking.CHAMPION_ALIAS),)
+            print(notes[0])
+        _write_json(PATHS["report_metrics"], summary)
+        (out / "report.md").write_text(report.markdown_report(t1, t2, attack, figs, notes))
+        (out / "report.html").write_text(report.html_report(t1, t2, attack, figs, out, notes))
         mlflow.log_artifacts(str(out), "report")
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent:  # the pipeline run carries the report too, where users look first
             mlflow.MlflowClient().log_artifacts(parent, str(out), "report")
         print((out / "table1.md").read_text())
         print((out / "table2.md").read_text())
+
+
+def _register_champion(evals: dict[str, dict], p) -> dict:
+    """Register the best of the four models (report.CHAMPION_CRITERION) as the
+    ``champion`` of the MLflow registered model; returns what metrics/report.json says."""
+    import mlflow
+
+    from . import data, report, tracking
+    from .train import load_weights
+
+    best = report.champion(evals)
+    weights = PATHS["weights"].format(best)
+    dice = {k: evals[best][k]["dice"] for k in ("clean", "attack")}
+    tags = {"mlsys.criterion": report.CHAMPION_CRITERION, "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
+            "clean/dice": f"{dice['clean']:.6g}", "attack/dice": f"{dice['attack']:.6g}"}
+    version = tracking.register_champion(
+        best, weights, lambda: _log_model(load_weights(weights, p.model).eval(), data.head(PATHS["clean"], "test", 2)[0]),
+        tags)
+    mlflow.set_tags({"mlsys.champion": best, "mlsys.champion_version": version.version})
+    return {"model": best, "registered_model": version.name, "version": int(version.version),
+            "attack_dice": dice["attack"], "clean_dice": dice["clean"]}
 
 
 def cmd_compare(args, p) -> None:
@@ -350,14 +396,47 @@ def cmd_compare(args, p) -> None:
 def cmd_ui(args, p) -> None:
     from . import tracking
 
+    uri = tracking.tracking_uri()
     exp_id = tracking.setup(p.tracking.experiment)
+    if uri.startswith(("http://", "https://")):  # a tracking server is its own UI
+        print(f"training runs: {uri.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+        return
     url = f"http://{args.host}:{args.port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
-    print(f"MLflow UI on {tracking.redact(tracking.tracking_uri())}\ntraining runs: {url}", flush=True)
-    # one worker and no job runner: 2 processes and ~0.5 GiB instead of 15 and ~3 GiB
+    print(f"MLflow UI on {tracking.redact(uri)}\ntraining runs: {url}", flush=True)
+    _exec_mlflow("ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port))
+
+
+def cmd_server(args, p) -> None:
+    from . import tracking
+
+    home = tracking.repo_root() / "mlflow-server"
+    backend = args.backend_store_uri or f"sqlite:///{home / 'mlflow.db'}"
+    artifacts = args.artifacts_destination or str(home / "artifacts")
+    if backend.startswith("sqlite:///"):
+        Path(backend[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow tracking server on {tracking.redact(backend)}, artifacts in {artifacts}\n"
+          f"log to it with: export MLFLOW_TRACKING_URI={url}\nUI: {url}", flush=True)
+    _exec_mlflow("server", "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--serve-artifacts",
+                 "--host", args.host, "--port", str(args.port))
+
+
+def _exec_mlflow(*argv: str) -> None:
+    """Replace this process by the ``mlflow`` CLI of this environment, with one worker and
+    no job runner: 2 processes and ~0.5 GiB instead of 15 and ~3 GiB."""
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", tracking.tracking_uri(), "--host", args.host,
-                      "--port", str(args.port), "--workers", "1"])
+    os.execv(mlflow, [mlflow, *argv, "--workers", "1"])
+
+
+def cmd_runs(args, p) -> None:
+    from . import tracking
+
+    swept = tracking.sweep(p.tracking.experiment, args.older_than, args.dry_run)
+    for run, reason in swept:
+        print(f"{'would mark' if args.dry_run else 'marked'} {run.info.run_id} "
+              f"({run.info.run_name}) FAILED: {reason}")
+    print(f"{len(swept)} run(s) left RUNNING by a crash{' (dry run)' if args.dry_run else ''}")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -379,11 +458,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=5000)
+    s = sub.add_parser("server", help="start an MLflow tracking server (database backend, served artifacts)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--backend-store-uri", help="SQLAlchemy database URI (default: sqlite:///<repo>/mlflow-server/mlflow.db)")
+    s.add_argument("--artifacts-destination", help="where the server stores artifacts: a folder or s3://, gs://, ... "
+                                                   "(default: <repo>/mlflow-server/artifacts)")
+    s = sub.add_parser("runs", help="maintenance of the MLflow runs")
+    r = s.add_subparsers(dest="action", required=True).add_parser(
+        "sweep", help="mark runs left RUNNING by a crashed or killed stage as FAILED")
+    r.add_argument("--older-than", type=float, default=24.0, metavar="HOURS",
+                   help="also sweep runs whose process cannot be checked (another host) that are "
+                        "older than this (default: 24)")
+    r.add_argument("--dry-run", action="store_true", help="list the runs, change nothing")
     return ap
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "augment": cmd_augment, "evaluate": cmd_evaluate,
-            "report": cmd_report, "compare": cmd_compare, "ui": cmd_ui}
+            "report": cmd_report, "compare": cmd_compare, "ui": cmd_ui, "server": cmd_server,
+            "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,4 +495,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"mlsys {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the stage's run is already ended KILLED
+        print(f"mlsys {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as err:
+        tracking = sys.modules.get("mlsys.tracking")
+        if tracking is None or not isinstance(err, tracking.StageKilled):
+            raise
+        print(f"mlsys {args.command}: {err}; stopped", file=sys.stderr)  # SIGTERM, run ended KILLED
+        return 143
     return 0

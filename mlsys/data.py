@@ -26,7 +26,9 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -125,10 +127,14 @@ class PanNukeSource:
         if self.path.is_dir():
             names = [str(p.relative_to(self.path)) for p in self.path.rglob("*.npy")]
         elif zipfile.is_zipfile(self.path):
-            with zipfile.ZipFile(self.path) as z:
-                names = [n for n in z.namelist() if n.endswith(".npy")]
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    names = [n for n in z.namelist() if n.endswith(".npy")]
+            except (zipfile.BadZipFile, OSError) as err:
+                raise DataError(f"PanNuke path {self.path}: corrupt zip file ({err})") from None
         else:
-            raise DataError(f"PanNuke path {self.path} is neither a folder nor a zip file")
+            raise DataError(f"PanNuke path {self.path} is neither a folder nor a readable zip file "
+                            "(truncated download?)")
         self.members = {}
         for key in self.FILES:
             found = [n for n in names if Path(n).name == f"{key}.npy"]
@@ -151,11 +157,20 @@ class PanNukeSource:
                 yield io.BufferedReader(f, buffer_size=1 << 22)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = {}
+        return {key: header[0] for key, header in self._headers().items()}
+
+    def dtypes(self) -> dict[str, np.dtype]:
+        return {key: header[1] for key, header in self._headers().items()}
+
+    def _headers(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        headers = {}
         for key in self.FILES:
-            with self.open(key) as f:
-                shapes[key] = _npy_header(f, f"{self.path}:{self.members[key]}")[0]
-        return shapes
+            try:
+                with self.open(key) as f:
+                    headers[key] = _npy_header(f, f"{self.path}:{self.members[key]}")
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                raise DataError(f"{self.path}: corrupt zip file ({err})") from None
+        return headers
 
 
 def check_raw_chunk(images: np.ndarray, masks: np.ndarray, where: str) -> None:
@@ -169,12 +184,39 @@ def check_raw_chunk(images: np.ndarray, masks: np.ndarray, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- HDF5
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove temporaries of ``path`` left by killed processes (``.name.tmp<pid>``)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name[len(path.name) + 5:].removesuffix("old")
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success,
-    delete it on failure, so a killed or failed stage leaves no plausible output."""
+    delete it on failure, so a killed or failed stage leaves no plausible output.
+    Temporaries of killed earlier runs (SIGKILL runs no cleanup) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
@@ -182,6 +224,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Like :func:`atomic_path` for an output folder (a DVC out dir written file by
+    file): yields an empty temporary folder beside ``path`` that replaces ``path``
+    only once everything in it is written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():  # a folder cannot be renamed over a non-empty one: move it aside
+            old = path.with_name(f".{path.name}.tmp{os.getpid()}old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
 
 
 class H5Writer:
@@ -256,8 +323,15 @@ def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> d
     if not cfg.pannuke_path:
         raise DataError("params: data.pannuke_path is empty; set it to your PanNuke fold zip or folder")
     src = PanNukeSource(cfg.pannuke_path, cfg.fold)
-    shapes = src.shapes()
+    shapes, dtypes = src.shapes(), src.dtypes()
+    for key, kinds, expected in (("images", "uif", "numbers (PanNuke: float64 0..255)"),
+                                 ("masks", "uif", "numbers (PanNuke: float64 instance ids)"),
+                                 ("types", "US", "strings (tissue names)")):
+        if dtypes[key].kind not in kinds:
+            raise DataError(f"{src.path}: {key}.npy has dtype {dtypes[key]}; expected {expected}")
     n = shapes["images"][0]
+    if n == 0:
+        raise DataError(f"{src.path}: images.npy holds no images")
     if len(shapes["images"]) != 4 or shapes["images"][3] != 3 or shapes["images"][1] != shapes["images"][2]:
         raise DataError(f"{src.path}: images.npy has shape {shapes['images']}; expected (N, H, H, 3)")
     if shapes["masks"] != shapes["images"][:3] + (6,):
@@ -266,12 +340,15 @@ def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> d
     if shapes["types"] != (n,):
         raise DataError(f"{src.path}: types.npy has shape {shapes['types']}; expected ({n},)")
     size = shapes["images"][1]
-    with src.open("types") as f:
-        types = next(_npy_chunks(f, "types.npy", max(n, 1)))
-    with src.open("images") as fi, src.open("masks") as fm:
-        return import_raw(_npy_chunks(fi, "images.npy", 32), _npy_chunks(fm, "masks.npy", 32),
-                          types, out, cfg, f"pannuke:{src.path.name}:fold{cfg.fold}", size,
-                          str(src.path), progress)
+    try:
+        with src.open("types") as f:
+            types = next(_npy_chunks(f, "types.npy", max(n, 1)))
+        with src.open("images") as fi, src.open("masks") as fm:
+            return import_raw(_npy_chunks(fi, "images.npy", 32), _npy_chunks(fm, "masks.npy", 32),
+                              types, out, cfg, f"pannuke:{src.path.name}:fold{cfg.fold}", size,
+                              str(src.path), progress)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a damaged download
+        raise DataError(f"{src.path}: corrupt zip file ({err})") from None
 
 
 # --------------------------------------------------------------------------- reading
@@ -282,11 +359,36 @@ def _open(path: str | os.PathLike) -> h5py.File:
         raise DataError(f"dataset {path} does not exist") from None
     except OSError as err:
         raise DataError(f"dataset {path} is not a readable HDF5 file ({err})") from None
-    for name in ("images", "masks", "split/train", "split/valid", "split/test"):
-        if name not in f:
-            f.close()
-            raise DataError(f"dataset {path} has no '{name}'; rebuild it with `mlsys prepare`")
+    try:
+        _check_layout(f, path)
+    except DataError:
+        f.close()
+        raise
+    except (OSError, ValueError, KeyError) as err:  # damaged metadata
+        f.close()
+        raise DataError(f"dataset {path} is corrupt ({err})") from None
     return f
+
+
+def _check_layout(f: h5py.File, path) -> None:
+    """The layout of the module docstring: names, ranks, dtypes, counts, split indices."""
+    for name in ("images", "masks", "tissue", "split/train", "split/valid", "split/test"):
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise DataError(f"dataset {path} has no '{name}'; rebuild it with `mlsys prepare`")
+    images, masks, tissue = f["images"], f["masks"], f["tissue"]
+    n = images.shape[0] if images.ndim else 0
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != np.float32:
+        raise DataError(f"dataset {path}: images are {images.dtype} {images.shape}; "
+                        "expected float32 (N, 3, H, W)")
+    if masks.shape != (n,) + images.shape[2:] or masks.dtype != np.uint8:
+        raise DataError(f"dataset {path}: masks are {masks.dtype} {masks.shape}; "
+                        f"expected uint8 {(n,) + images.shape[2:]} to match the images")
+    if tissue.shape != (n,):
+        raise DataError(f"dataset {path}: tissue has shape {tissue.shape}; expected ({n},)")
+    for split in SPLITS:
+        idx = f[f"split/{split}"][:]
+        if idx.ndim != 1 or idx.dtype.kind not in "iu" or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+            raise DataError(f"dataset {path}: split/{split} must hold image indices in 0..{n - 1}")
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
@@ -307,7 +409,22 @@ def load_split(path: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch
             images, masks = f["images"][idx], f["masks"][idx]
         except (OSError, ValueError) as err:
             raise DataError(f"dataset {path} is corrupt ({err})") from None
+    _check_values(images, masks, path)
     return torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64))
+
+
+def _check_values(images: np.ndarray, masks: np.ndarray, path) -> None:
+    if not np.isfinite(images).all() or (images.size and (images.min() < 0 or images.max() > 1)):
+        raise DataError(f"dataset {path}: images must be finite values in [0, 1]")
+    if masks.size and masks.max() >= N_CLASSES:
+        raise DataError(f"dataset {path}: masks must hold class ids 0..{N_CLASSES - 1}, "
+                        f"found {int(masks.max())}")
+
+
+def head(path: str | os.PathLike, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and masks of a split (for figures: never the whole set)."""
+    _, images, masks, _ = next(iter_chunks(path, split, n))
+    return images, masks
 
 
 def image_size(path: str | os.PathLike) -> int:
@@ -322,5 +439,9 @@ def iter_chunks(path: str | os.PathLike, split: str, chunk: int
         idx = f[f"split/{split}"][:]
         for s in range(0, len(idx), chunk):
             part = idx[s:s + chunk]
-            yield (part, torch.from_numpy(f["images"][part]),
-                   torch.from_numpy(f["masks"][part].astype(np.int64)), f["tissue"][part])
+            try:
+                images, masks, tissue = f["images"][part], f["masks"][part], f["tissue"][part]
+            except (OSError, ValueError) as err:
+                raise DataError(f"dataset {path} is corrupt ({err})") from None
+            _check_values(images, masks, path)
+            yield part, torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64)), tissue
