@@ -3,6 +3,7 @@
 - prediction panel: image, true mask and prediction (as label maps and per class)
 - perturbation panel: image, perturbed image, amplified difference, prediction
 - loss curves: train/valid loss per epoch, one model or the four models together
+- metric bars: each model clean vs under attack; per-class Dice bars in the class colours
 """
 from __future__ import annotations
 
@@ -35,10 +36,17 @@ def _legend(fig) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
 
 
-def _off(axes) -> None:
+def _finish(fig, axes, column_titles: list[str], title: str):
+    """Column titles, no ticks, figure title and the class legend under the panel."""
+    for ax, name in zip(axes[0], column_titles):
+        ax.set_title(name, fontsize=8)
     for ax in np.ravel(axes):
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle(title)
+    _legend(fig)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return fig
 
 
 def prediction_panel(images: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor, title: str):
@@ -57,14 +65,8 @@ def prediction_panel(images: torch.Tensor, masks: torch.Tensor, logits: torch.Te
             ax.imshow((pred[i] == c).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             if (masks[i] == c).any():
                 ax.contour((masks[i] == c).numpy(), levels=[0.5], colors=[CLASS_COLOURS[c]], linewidths=1)
-    for j, name in enumerate(["image", "true mask", "prediction"] + [f"{n}\n(pred, true outline)"
-                                                                      for n in CLASS_NAMES[1:]]):
-        axes[0, j].set_title(name, fontsize=8)
-    _off(axes)
-    fig.suptitle(title)
-    _legend(fig)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    return fig
+    return _finish(fig, axes, ["image", "true mask", "prediction"]
+                   + [f"{n}\n(pred, true outline)" for n in CLASS_NAMES[1:]], title)
 
 
 def perturbation_panel(images: torch.Tensor, perturbed: torch.Tensor, masks: torch.Tensor,
@@ -85,14 +87,8 @@ def perturbation_panel(images: torch.Tensor, perturbed: torch.Tensor, masks: tor
         _labels(axes[i, 4], pred[i])
         if subtitles:
             axes[i, 0].set_ylabel(subtitles[i], fontsize=7)
-    for j, name in enumerate(["image", "perturbed", "difference (amplified)", "true mask",
-                              "prediction (perturbed)"]):
-        axes[0, j].set_title(name, fontsize=8)
-    _off(axes)
-    fig.suptitle(title)
-    _legend(fig)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    return fig
+    return _finish(fig, axes, ["image", "perturbed", "difference (amplified)", "true mask",
+                               "prediction (perturbed)"], title)
 
 
 def loss_curves(histories: dict[str, list[dict]], title: str, keys=("train_loss", "valid_loss")):
@@ -113,25 +109,58 @@ def loss_curves(histories: dict[str, list[dict]], title: str, keys=("train_loss"
 
 
 def save(fig, path) -> None:
+    """Write ``fig`` to ``path`` (format from the suffix) through a temporary file beside
+    it, so a killed stage never leaves a half-written image."""
     from pathlib import Path
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from .data import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:] or "png")
     plt.close(fig)
 
 
-def metric_bars(t1: dict, t2: dict, metrics=("accuracy", "dice", "paper_dice")):
+METRIC_TITLES = {"accuracy": "pixel accuracy", "dice": "Dice (standard: nucleus classes, macro)",
+                 "paper_dice": "Dice (paper: softmax > 0.1, pooled)", "jaccard": "Jaccard (standard)",
+                 "paper_jaccard": "Jaccard (paper)"}
+
+
+def metric_bars(t1: dict, t2: dict, metrics=("accuracy", "dice", "paper_dice"), title: str | None = None):
     """Grouped bars: each model's clean and attacked value of a few metrics."""
     models = t1["model"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.9), squeeze=False)
     x = np.arange(len(models))
     for ax, key in zip(axes[0], metrics):
-        ax.bar(x - 0.2, t1[key], 0.4, label="clean", color="#4c72b0")
-        ax.bar(x + 0.2, t2[key], 0.4, label="attacked", color="#dd8452")
+        ax.bar(x - 0.2, np.nan_to_num(t1[key]), 0.4, label="clean test split", color="#4c72b0")
+        ax.bar(x + 0.2, np.nan_to_num(t2[key]), 0.4, label="under attack", color="#dd8452")
         ax.set_xticks(x, models, fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title(key)
+        ax.set_title(METRIC_TITLES.get(key, key), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False, fontsize=9)
+    fig.suptitle(title or "the four models, clean and under attack")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    return fig
+
+
+def per_class_bars(t1: dict, t2: dict, title: str | None = None):
+    """Per-class Dice of every model, clean (left) and under attack (right), in the
+    class colours of every other figure; n/a classes have no bar."""
+    models, classes = t1["model"], CLASS_NAMES
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False, sharey=True)
+    width = 0.8 / len(classes)
+    x = np.arange(len(models))
+    for ax, tab, name in zip(axes[0], (t1, t2), ("clean test split", "under attack")):
+        for c, (cls, colour) in enumerate(zip(classes, CLASS_COLOURS)):
+            ax.bar(x - 0.4 + width * (c + 0.5), tab[f"dice/{cls}"], width, color=colour, edgecolor="grey",
+                   linewidth=0.5)
+        ax.set_xticks(x, models, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("Dice per class")
+    fig.suptitle(title or "per-class Dice of the four models")
+    _legend(fig)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     return fig
