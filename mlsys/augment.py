@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attacks import eval_mode, full_area, input_grad, pgd
-from .data import atomic_path, create_dataset, image_size, iter_chunks, split_of
+from .data import atomic_path, create_dataset, file_md5, image_size, iter_chunks, split_of
 from .params import Method1Params, Method2Params
 
 
@@ -100,14 +100,6 @@ def method_two(model: torch.nn.Module, x: torch.Tensor, masks: torch.Tensor, cfg
 
 
 # --------------------------------------------------------------------------- the stage's work
-def _file_md5(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_digest(model: torch.nn.Module) -> str:
     """sha256 of the model's parameters and buffers (names, dtypes, shapes, values)."""
     h = hashlib.sha256()
@@ -176,7 +168,7 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial")
     _open_partial(partial, {"method": method, "settings": asdict(mcfg), "n": n, "classes": C,
-                            "clean_md5": _file_md5(clean), "model": _model_digest(model),
+                            "clean_md5": file_md5(clean), "model": _model_digest(model),
                             "device": device.type, "ops": ops.backend() if method == "method2" else None})
     linf, l2 = [], []
     resumed = 0

@@ -3,6 +3,7 @@
 Each stage reads its sections of params.yaml, opens its MLflow run (tracking.py)
 and calls the pure functions that do the work. Bad input ends with one line on
 stderr and exit status 2; ``--debug`` (or MLSYS_DEBUG=1) shows the traceback.
+SIGTERM ends a stage with status 143 and Ctrl-C with 130, its MLflow run KILLED.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def cmd_train(args, p) -> None:
                    "final/valid_accuracy": history[-1]["valid_accuracy"], "n_train_images": len(train[0])}
         mlflow.log_metrics(summary)
         # the registry (report stage) finds this run's model by the md5 DVC records for the weights
-        mlflow.set_tag("mlsys.weights_md5", tracking.file_md5(PATHS["weights"].format(name)))
+        mlflow.set_tag("mlsys.weights_md5", data.file_md5(PATHS["weights"].format(name)))
         _write_json(PATHS["train_metrics"].format(name), {**summary, "mlflow_run_id": mlflow.active_run().info.run_id})
         _write_csv(PATHS["train_plot"].format(name), history)
         mlflow.log_figure(figures.loss_curves({name: history}, f"{name}: loss per epoch"),
@@ -144,15 +145,17 @@ def cmd_train(args, p) -> None:
               f"dice {history[-1]['valid_dice']:.4f}")
 
 
-def _log_model(model, example) -> None:
+def _log_model(model, example):
+    """Log the U-Net as an MLflow model (torch.export format: ``example`` needs a batch >= 2);
+    returns its ModelInfo."""
     import mlflow
     from mlflow.models import infer_signature
 
     x = example.numpy()
     with __import__("torch").no_grad():
         y = model(example).numpy()
-    mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, y), input_example=x,
-                             pip_requirements=["torch"])
+    return mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, y), input_example=x,
+                                    pip_requirements=["torch"])
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
@@ -291,7 +294,7 @@ def cmd_report(args, p) -> None:
         fig = figures.loss_curves(histories, "validation loss of the four models", keys=("valid_loss",))
         figures.save(fig, out / "figures/validation_loss.png")
         figs.append(("Validation loss", "figures/validation_loss.png"))
-        figures.save(figures.metric_bars(t1, t2, title=f"clean test split vs {attack.split(',')[0]}"),
+        figures.save(figures.metric_bars(t1, t2, title=f"clean test split vs {attack}"),
                      out / "figures/clean_vs_attack.png")
         figs.append(("Clean vs attacked", "figures/clean_vs_attack.png"))
         figures.save(figures.per_class_bars(t1, t2), out / "figures/per_class_dice.png")
@@ -342,9 +345,11 @@ def _register_champion(evals: dict[str, dict], p) -> dict:
     dice = {k: evals[best][k]["dice"] for k in ("clean", "attack")}
     tags = {"mlsys.criterion": report.CHAMPION_CRITERION, "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
             "clean/dice": f"{dice['clean']:.6g}", "attack/dice": f"{dice['attack']:.6g}"}
-    version = tracking.register_champion(
-        best, weights, lambda: _log_model(load_weights(weights, p.model).eval(), data.head(PATHS["clean"], "test", 2)[0]),
-        tags)
+
+    def log_model():  # where the store has no training run of these weights
+        return _log_model(load_weights(weights, p.model).eval(), data.head(PATHS["clean"], "test", 2)[0])
+
+    version = tracking.register_champion(best, weights, log_model, tags)
     mlflow.set_tags({"mlsys.champion": best, "mlsys.champion_version": version.version})
     return {"model": best, "registered_model": version.name, "version": int(version.version),
             "attack_dice": dice["attack"], "clean_dice": dice["clean"]}
@@ -461,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="start an MLflow tracking server (database backend, served artifacts)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--backend-store-uri", help="SQLAlchemy database URI (default: sqlite:///<repo>/mlflow-server/mlflow.db)")
+    s.add_argument("--backend-store-uri",
+                   help="SQLAlchemy database URI (default: sqlite:///<repo>/mlflow-server/mlflow.db)")
     s.add_argument("--artifacts-destination", help="where the server stores artifacts: a folder or s3://, gs://, ... "
                                                    "(default: <repo>/mlflow-server/artifacts)")
     s = sub.add_parser("runs", help="maintenance of the MLflow runs")

@@ -23,6 +23,7 @@ stage never leaves a file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -93,6 +94,8 @@ def _npy_header(f, name: str) -> tuple[tuple[int, ...], np.dtype]:
         version = fmt.read_magic(f)
         read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         shape, fortran, dtype = read(f)
+    except (zipfile.BadZipFile, zlib.error):  # the zip member itself is damaged: said by the caller
+        raise
     except Exception as err:  # noqa: BLE001 - numpy raises several types for bad headers
         raise DataError(f"{name}: not a valid .npy file ({err})") from None
     if fortran:
@@ -181,6 +184,15 @@ def check_raw_chunk(images: np.ndarray, masks: np.ndarray, where: str) -> None:
         raise DataError(f"{where}: image values outside 0..255")
     if not np.isfinite(masks).all() or masks.min() < 0 or (masks != np.round(masks)).any():
         raise DataError(f"{where}: masks must hold non-negative whole instance ids")
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """md5 of a file's bytes (what DVC records for a file output)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- HDF5
@@ -341,10 +353,11 @@ def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> d
         raise DataError(f"{src.path}: types.npy has shape {shapes['types']}; expected ({n},)")
     size = shapes["images"][1]
     try:
+        name = {key: f"{src.path}:{member}" for key, member in src.members.items()}
         with src.open("types") as f:
-            types = next(_npy_chunks(f, "types.npy", max(n, 1)))
+            types = next(_npy_chunks(f, name["types"], max(n, 1)))
         with src.open("images") as fi, src.open("masks") as fm:
-            return import_raw(_npy_chunks(fi, "images.npy", 32), _npy_chunks(fm, "masks.npy", 32),
+            return import_raw(_npy_chunks(fi, name["images"], 32), _npy_chunks(fm, name["masks"], 32),
                               types, out, cfg, f"pannuke:{src.path.name}:fold{cfg.fold}", size,
                               str(src.path), progress)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a damaged download

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class Params:
                and d.split[1] > 0 and d.split[2] > 0, "data.split", d.split,
                "three positive ratios train:valid:test")
         _check(d.n_images >= 3, "data.n_images", d.n_images, "at least 3")
+        _check(d.fold >= 1, "data.fold", d.fold, "a PanNuke fold number (1, 2 or 3)")
         _check(m.depth >= 1, "model.depth", m.depth, ">= 1")
         _check(d.image_size > 0 and d.image_size % 2**m.depth == 0, "data.image_size",
                d.image_size, f"a positive multiple of 2**model.depth = {2**m.depth}")
@@ -136,11 +138,16 @@ class Params:
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
         _check(t.lr > 0, "train.lr", t.lr, "> 0")
         _check(t.lr_step >= 1, "train.lr_step", t.lr_step, ">= 1")
+        _check(t.lr_decay >= 0, "train.lr_decay", t.lr_decay, ">= 0")
+        for key, dev in (("train.device", t.device), ("augment.device", self.augment.device)):
+            _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev) is not None, key, dev,
+                   '"auto", "cpu", "cuda" or "cuda:<index>"')
         _check(0 < t.model4_epoch_fraction <= 1, "train.model4_epoch_fraction",
                t.model4_epoch_fraction, "in (0, 1]")
         for name, a in (("evaluate.attack", self.evaluate.attack), ("augment.method1", self.augment.method1)):
             _check(a.mode in ("faithful", "standard"), f"{name}.mode", a.mode, '"faithful" or "standard"')
             _check(a.eps >= 0, f"{name}.eps", a.eps, ">= 0")
+            _check(a.alpha >= 0, f"{name}.alpha", a.alpha, ">= 0")
             _check(a.steps >= 1, f"{name}.steps", a.steps, ">= 1")
             _check(a.batch_size >= 1, f"{name}.batch_size", a.batch_size, ">= 1")
         _check(0 <= self.evaluate.attack.target < m.n_classes, "evaluate.attack.target",
@@ -151,7 +158,11 @@ class Params:
         _check(m2.select in ("argmin", "argmax"), "augment.method2.select", m2.select,
                '"argmin" or "argmax"')
         _check(m2.chunk >= 1, "augment.method2.chunk", m2.chunk, ">= 1")
+        _check(m2.batch_size >= 1, "augment.method2.batch_size", m2.batch_size, ">= 1")
         _check(self.evaluate.batch_size >= 1, "evaluate.batch_size", self.evaluate.batch_size, ">= 1")
+        _check(0 < self.evaluate.paper_threshold < 1, "evaluate.paper_threshold",
+               self.evaluate.paper_threshold, "in (0, 1)")
+        _check(self.evaluate.n_panel >= 1, "evaluate.n_panel", self.evaluate.n_panel, ">= 1")
         return self
 
 
@@ -165,7 +176,7 @@ def _build(cls, raw, prefix: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ParamsError(f"params: {prefix or 'file'} must be a mapping, got {type(raw).__name__}")
+        raise ParamsError(f"params: {prefix[:-1] or 'the file'} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import mlflow  # noqa: E402
+
+from .data import file_md5  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 PARENT_ENV = "MLSYS_PARENT_RUN_ID"
@@ -58,8 +61,31 @@ def tracking_uri() -> str:
 
 
 def redact(uri: str) -> str:
-    """The URI without user:password, for logging."""
-    return re.sub(r"//[^/@]+@", "//", uri)
+    """The URI without user:password and without secret-looking query values, for logging."""
+    uri = re.sub(r"//[^/?#]*@", "//", uri)
+    return re.sub(r"(?i)([?&;][^=&;#]*(?:pass|secret|token|key|credential)[^=&;#]*=)[^&;#]*", r"\1***", uri)
+
+
+def probe(uri: str, timeout: float = 5.0) -> None:
+    """Raise ConnectionError naming ``uri`` (redacted) unless an http(s) tracking server
+    accepts a connection within ``timeout`` seconds. MLflow itself retries an
+    unreachable server for minutes before it gives up."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if not local and getproxies().get(parts.scheme) and not proxy_bypass(parts.hostname or ""):
+        return  # reached through a proxy: only MLflow's own requests can tell
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        raise ConnectionError(f"MLflow tracking server {redact(uri)} is unreachable "
+                              f"({err.strerror or err if isinstance(err, OSError) else err}); "
+                              "start it or set MLFLOW_TRACKING_URI to a reachable server") from None
 
 
 def setup(experiment: str = "mlsys") -> str:
@@ -68,6 +94,7 @@ def setup(experiment: str = "mlsys") -> str:
         logging.getLogger(noisy).setLevel(logging.WARNING)  # store creation chatter
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment)
+    probe(tracking_uri(), float(os.environ.get("MLSYS_TRACKING_TIMEOUT", "5")))
     try:
         if tracking_uri().startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
             # artifacts beside the SQLite store, not in whatever folder the first stage ran in
@@ -118,8 +145,9 @@ def invocation_key() -> str | None:
         info = _proc_stat(pid)
         if info is None or pid <= 1:
             return None
-        if _is_dvc(pid):
-            return f"{pid}-{info[1]}-{hashlib.sha1(str(repo_root()).encode()).hexdigest()[:8]}"
+        if _is_dvc(pid):  # one DVC queue worker runs several experiments: their names tell them apart
+            where = f"{repo_root()}:{os.environ.get('DVC_EXP_NAME', '')}"
+            return f"{pid}-{info[1]}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
         pid = info[0]
     return None
 
@@ -141,6 +169,13 @@ def _parent_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) 
     return run.info.run_id
 
 
+def run_tags() -> dict[str, str]:
+    """Tags of every run: git commit, DVC experiment, the tracking URI without
+    credentials and the host (for `mlsys runs sweep`)."""
+    return {**git_info(repo_root()), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
+            "mlsys.tracking_uri": redact(tracking_uri()), "mlsys.host": socket.gethostname()}
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
               tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
@@ -149,10 +184,8 @@ def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
     The run ends FINISHED on success, FAILED on an exception and KILLED on
     SIGINT/SIGTERM; the parent follows (RUNNING while a stage runs)."""
     experiment_id = setup(experiment)
-    root = repo_root()
     client = MlflowClient()
-    common = {**git_info(root), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
-              "mlsys.tracking_uri": redact(tracking_uri())}
+    common = run_tags()
     parent = _parent_run(client, experiment_id, common)
     if parent:
         client.update_run(parent, status="RUNNING")
@@ -161,10 +194,12 @@ def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
     def on_term(signum, frame):  # turn SIGTERM into an exception so the run is closed
         raise StageKilled(f"stage {stage} received signal {signum}")
 
-    signal.signal(signal.SIGTERM, on_term)
     status = "FAILED"
+    # pid + start time: `mlsys runs sweep` tells a crashed stage's run from a running one
+    me = {"mlsys.pid": str(os.getpid()), "mlsys.pid_start": (_proc_stat(os.getpid()) or (0, ""))[1]}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
-                           tags={**common, **(tags or {}), "dvc.stage": stage, "mlsys.kind": "stage"})
+                           tags={**common, **me, **(tags or {}), "dvc.stage": stage, "mlsys.kind": "stage"})
+    signal.signal(signal.SIGTERM, on_term)
     try:
         mlflow.log_params({k: str(v) for k, v in params.items()})
         yield run
@@ -173,10 +208,72 @@ def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
         status = "KILLED"
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        mlflow.end_run(status)
-        if parent:
-            client.set_terminated(parent, status)
+        # a second signal must not cut the closing of the runs short
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            mlflow.end_run(status)
+            if parent:
+                client.set_terminated(parent, status)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
+
+
+def _process_gone(tags: dict[str, str], pid_key: str, start_key: str | None) -> bool | None:
+    """Whether the process that ran a run is gone: True/False on its own host, None
+    where that cannot be told (another host, no pid recorded)."""
+    pid = tags.get(pid_key, "")
+    if tags.get("mlsys.host") != socket.gethostname() or not pid.isdigit():
+        return None
+    info = _proc_stat(int(pid))
+    return info is None or bool(start_key and tags.get(start_key) and info[1] != tags[start_key])
+
+
+def sweep(experiment: str = "mlsys", older_than_hours: float = 24.0,
+          dry_run: bool = False) -> list[tuple[object, str]]:
+    """Mark runs left RUNNING by a crash (SIGKILL, power loss) as FAILED.
+
+    A stage run is swept when the process that ran it is gone (its host is this one
+    and the recorded pid is dead or belongs to another process), or, where that cannot
+    be checked (another host, no pid recorded), when it started more than
+    ``older_than_hours`` ago. A pipeline run is swept when none of its stages is left
+    running and its ``dvc`` process is gone (or, unknown, it is that old).
+    Returns [(run, reason)] of the swept runs; ``dry_run`` changes nothing."""
+    exp_id = setup(experiment)
+    client = MlflowClient()
+    running = client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=50_000)
+    now_h = time.time() / 3600
+
+    def too_old(run) -> bool:
+        return now_h - run.info.start_time / 3.6e6 > older_than_hours
+
+    swept: list[tuple[object, str]] = []
+    stages = [r for r in running if r.data.tags.get("mlsys.kind") != "pipeline"]
+    pipelines = [r for r in running if r.data.tags.get("mlsys.kind") == "pipeline"]
+    for run in stages:
+        gone = _process_gone(run.data.tags, "mlsys.pid", "mlsys.pid_start")
+        if gone:
+            swept.append((run, f"process {run.data.tags['mlsys.pid']} on {socket.gethostname()} is gone"))
+        elif gone is None and too_old(run):
+            swept.append((run, f"RUNNING for more than {older_than_hours:g} h"))
+    swept_ids = {r.info.run_id for r, _ in swept}
+    busy = {r.data.tags.get("mlflow.parentRunId") for r in stages if r.info.run_id not in swept_ids}
+    for run in pipelines:
+        if run.info.run_id in busy:
+            continue
+        # mlsys.invocation = "<dvc pid>-<its start time>-<repo hash>"
+        pid, _, rest = run.data.tags.get("mlsys.invocation", "").partition("-")
+        gone = _process_gone({**run.data.tags, "pid": pid, "start": rest.rpartition("-")[0]}, "pid", "start")
+        if gone:
+            swept.append((run, f"no stage is running and its dvc process {pid} is gone"))
+        elif gone is None and too_old(run):
+            swept.append((run, f"no stage is running, RUNNING for more than {older_than_hours:g} h"))
+    if not dry_run:
+        for run, reason in swept:
+            client.set_tag(run.info.run_id, "mlsys.swept", reason)
+            client.set_terminated(run.info.run_id, "FAILED")
+    return swept
 
 
 def dataset_digest(path: str | os.PathLike) -> str:
@@ -192,11 +289,7 @@ def dataset_digest(path: str | os.PathLike) -> str:
             for out in stage.get("outs", []) or []:
                 if out.get("path") == rel and out.get("md5") and out.get("size") == path.stat().st_size:
                     return out["md5"]
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_md5(path)
 
 
 def log_dataset(path: str | os.PathLike, context: str) -> None:
@@ -213,3 +306,38 @@ def log_dataset(path: str | os.PathLike, context: str) -> None:
         source = resolve_dataset_source(str(path.resolve()))
     ds = MetaDataset(source=source, name=path.name, digest=digest[:36])
     mlflow.log_input(ds, context=context, tags={"dvc.md5": digest})
+
+
+REGISTERED_MODEL = "mlsys-unet"
+CHAMPION_ALIAS = "champion"
+
+
+def register_champion(model: str, weights: str | os.PathLike, log_model, tags: dict[str, str],
+                      name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS):
+    """Register the MLflow model of ``model`` whose weights are the DVC-tracked file
+    ``weights`` as a new version of ``name`` and point ``alias`` at it.
+
+    The train stage tags its run ``mlsys.weights_md5``; the logged model of the latest
+    finished train run with the file's md5 is registered. Where the store has none (the
+    training was restored from the DVC cache into another store), ``log_model()`` logs
+    the weights in the active run and returns its ModelInfo. Returns the ModelVersion."""
+    client = MlflowClient()
+    md5 = file_md5(weights)
+    exp = mlflow.active_run().info.experiment_id
+    source = None
+    runs = client.search_runs([exp], f"tags.`mlsys.weights_md5` = '{md5}' and attributes.status = 'FINISHED'"
+                              f" and tags.`mlsys.model` = '{model}'", order_by=["attributes.start_time DESC"])
+    for run in runs:
+        logged = client.search_logged_models([exp], filter_string=f"source_run_id = '{run.info.run_id}'")
+        if logged:
+            source = f"models:/{logged[0].model_id}"
+            break
+    if source is None:
+        source = log_model().model_uri
+    version = mlflow.register_model(source, name, tags={**tags, "mlsys.model": model, "mlsys.weights_md5": md5})
+    client.update_registered_model(name, description=(
+        "U-Net segmenting histology patches into 6 classes (background, neoplastic, inflammatory, "
+        f"connective, dead, epithelial). The alias '{alias}' marks the best of the four models of the "
+        "latest pipeline run that reached the report stage; see the version's tags for the criterion."))
+    client.set_registered_model_alias(name, alias, version.version)
+    return version

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -41,9 +43,18 @@ class CheckpointError(ValueError):
 
 
 def pick_device(name: str) -> torch.device:
+    """"auto" (cuda if available), "cpu" or "cuda[:i]"; an unavailable GPU is a params error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        from .params import ParamsError
+
+        raise ParamsError(f"params: device {name!r} (train.device / augment.device) is not available "
+                          f"on this machine ({torch.cuda.device_count()} CUDA devices); "
+                          'expected "auto" or "cpu"')
+    return device
 
 
 def epochs_for(model_name: str, cfg: TrainParams) -> int:
@@ -66,26 +77,45 @@ def save_weights(model: UNet, cfg: ModelParams, path: str | os.PathLike, meta: d
         torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "meta": meta or {}}, tmp)
 
 
+def safe_load(path: str | os.PathLike, what: str, map_location="cpu"):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, so a file can
+    never run code. A refused or unreadable file is a CheckpointError naming it."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} do not exist") from None
+    except pickle.UnpicklingError as err:  # what the weights-only unpickler refused, in its words
+        why = str(err).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
+        raise CheckpointError(f"{what} {path} cannot be loaded safely: it holds more than tensors "
+                              f"({why or 'not a weights-only pickle'}); refusing to unpickle it") from None
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files
+        raise CheckpointError(f"{what} {path} cannot be loaded safely: not a readable torch file "
+                              f"({str(err).splitlines()[0].split('. ')[0]})") from None
+
+
 def load_weights(path: str | os.PathLike, cfg: ModelParams, map_location="cpu") -> UNet:
     """A U-Net of config ``cfg`` with the weights at ``path`` (``weights_only`` loading)."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"weights {path} do not exist") from None
-    except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files
-        raise CheckpointError(f"weights {path} cannot be loaded safely: {str(err).splitlines()[0]}") from None
-    if not isinstance(blob, dict) or "state_dict" not in blob:
+    blob = safe_load(path, "weights", map_location)
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
         raise CheckpointError(f"weights {path} are not an mlsys weights file")
     saved = blob.get("config", {})
     if saved and saved != asdict(cfg):
-        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v}
-        raise CheckpointError(f"weights {path} were trained with model {saved}, params say "
-                              f"{asdict(cfg)} (differs in {sorted(diff)})")
+        diff = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v)
+        raise CheckpointError(f"weights {path} were trained with "
+                              + ", ".join(f"model.{k} = {saved.get(k)!r}" for k in diff)
+                              + ", params.yaml says " + ", ".join(f"{getattr(cfg, k)!r}" for k in diff)
+                              + f"; retrain or match the params (differs in {diff})")
     model = build_model(cfg)
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(f"weights {path} do not fit the U-Net: {str(err).splitlines()[0]}") from None
+    got, want = blob["state_dict"], model.state_dict()
+    bad = ([f"missing {k}" for k in want if k not in got] + [f"unexpected {k}" for k in got if k not in want]
+           + [f"{k} of shape {tuple(getattr(got[k], 'shape', ()))}" for k in want
+              if k in got and getattr(got[k], "shape", None) != want[k].shape])
+    if bad:
+        raise CheckpointError(f"weights {path} do not fit the U-Net of the params: {len(bad)} tensors differ "
+                              f"(e.g. {bad[0]})")
+    model.load_state_dict(got)
     return model
 
 
@@ -99,6 +129,20 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
     ``checkpoint``: file rewritten after every epoch; an existing one with the same
     ``fingerprint`` (params + data digests) is resumed from.
     ``on_epoch(epoch, row)`` is called after each epoch (logging)."""
+    from .params import ParamsError
+
+    if cfg.batch_size > len(train[0]):
+        raise ParamsError(f"params: train.batch_size = {cfg.batch_size} is invalid; expected at most "
+                          f"the {len(train[0])} training images")
+    n_classes = model.head.out_channels
+    if int(train[1].max()) >= n_classes or int(valid[1].max()) >= n_classes:
+        raise ParamsError(f"params: model.n_classes = {n_classes} is invalid; the masks hold class ids up "
+                          f"to {max(int(train[1].max()), int(valid[1].max()))}")
+    side = 2 ** getattr(model, "depth", 0)
+    if train[0].shape[-1] % side or train[0].shape[-2] % side:
+        raise ParamsError(f"params: model.depth = {model.depth} cannot pool the "
+                          f"{train[0].shape[-2]}x{train[0].shape[-1]} images; expected a depth whose "
+                          f"2**depth divides the image side")
     device = pick_device(cfg.device)
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
@@ -107,7 +151,10 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
     history: list[dict] = []
     start = 0
     if checkpoint and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = safe_load(checkpoint, "checkpoint", device)  # delete a refused one to start over
+        if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history"} <= set(state):
+            raise CheckpointError(f"checkpoint {checkpoint} is not an mlsys training checkpoint; "
+                                  "delete it to start over")
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

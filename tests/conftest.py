@@ -16,3 +16,36 @@ os.environ.setdefault("MLSYS_PROGRESS", "0")
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """A micro copy of the repository after one `dvc repro` (run once per session):
+    (repo, the CompletedProcess of that repro). Tests must not change it: work on
+    ``micro.clone(repo, ...)`` instead."""
+    from micro import MICRO, make_repo, run
+
+    repo = make_repo(tmp_path_factory.mktemp("repo"), MICRO)
+    return repo, run(repo, "dvc", "repro")
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory) -> Path:
+    """Where tests keep what a person should look at (screenshots): $MLSYS_TEST_ARTIFACTS,
+    else a pytest temporary folder."""
+    path = Path(os.environ["MLSYS_TEST_ARTIFACTS"]) if os.environ.get("MLSYS_TEST_ARTIFACTS") \
+        else tmp_path_factory.mktemp("artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine run far faster on one thread
+    (two threads fighting over one busy core were up to 50x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

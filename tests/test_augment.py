@@ -19,13 +19,7 @@ from mlsys.params import Method1Params, Method2Params
 SIZE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared 2-core machine run far faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def unet(n_classes: int = 6, seed: int = 0) -> UNet:

@@ -18,7 +18,7 @@ def mlsys(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "augment", "evaluate", "report", "compare", "ui"])
+@pytest.mark.parametrize("stage", ["prepare", "train", "augment", "evaluate", "report", "compare", "ui", "server"])
 def test_every_stage_has_help(tmp_path, stage):
     out = mlsys(tmp_path, stage, "--help")
     assert out.returncode == 0 and "usage: mlsys" in out.stdout

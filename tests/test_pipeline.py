@@ -3,80 +3,12 @@ the MLflow store then holds one pipeline run with a child run per stage, with
 metrics, figures, the model and dataset inputs. Real DVC, real MLflow (SQLite)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
+import json
 import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-MICRO = {
-    "data": {"n_images": 27, "image_size": 16},
-    "model": {"base": 4, "depth": 2},
-    "train": {"epochs": 2, "batch_size": 6, "device": "cpu"},
-    "evaluate": {"n_panel": 2, "attack": {"steps": 2}},
-    "augment": {"device": "cpu", "method1": {"steps": 1}, "method2": {"chunk": 200}},
-}
-STAGES = {"prepare", "train@model1", "train@model2", "train@model3", "train@model4", "augment@method1",
-          "augment@method2", "evaluate@model1", "evaluate@model2", "evaluate@model3", "evaluate@model4",
-          "report"}
-
-
-def merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
-
-
-def make_repo(dest: Path, overrides: dict) -> Path:
-    for name in ("mlsys", "csrc"):
-        if (ROOT / name).exists():
-            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "setup.py", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, dest / name)
-    (dest / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    shutil.copy(ROOT / ".dvc" / ".gitignore", dest / ".dvc" / ".gitignore")
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    env = env_for(dest)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
-    return dest
-
-
-def env_for(repo: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1",
-               MLFLOW_DISABLE_TELEMETRY="true", MLSYS_PROGRESS="0", PYTHONPATH=str(repo),
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               OMP_NUM_THREADS="1")
-    return env
-
-
-def run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=repo, env=env_for(repo), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    repo = make_repo(tmp_path_factory.mktemp("repo"), MICRO)
-    first = run(repo, "dvc", "repro")
-    return repo, first
-
-
-def runs_of(repo: Path):
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("mlsys")
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
+from micro import STAGES, run, runs_of
 
 
 def test_repro_logs_parent_and_stage_runs(pipeline):
@@ -132,8 +64,50 @@ def test_compare_prints_both_tables(pipeline):
     assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 2
 
 
-def test_exp_run_changes_only_what_depends_on_the_param(pipeline):
+def test_champion_is_registered_and_predicts_like_the_dvc_weights(pipeline):
+    import mlflow
+    import torch
+
+    from micro import store
+    from mlsys import data, report
+    from mlsys.params import load_params
+    from mlsys.train import load_weights
+
     repo, _ = pipeline
-    out = run(repo, "dvc", "exp", "run", "-S", "evaluate.attack.steps=1").stdout
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"evaluate@model1", "evaluate@model2", "evaluate@model3", "evaluate@model4", "report"}
+    evals = {m: json.loads((repo / f"metrics/eval/{m}.json").read_text()) for m in report.MODEL_LABELS}
+    best = report.champion(evals)
+    summary = json.loads((repo / "metrics/report.json").read_text())
+    assert summary["champion"]["model"] == best and summary["champion"]["registered_model"] == "mlsys-unet"
+    client = mlflow.MlflowClient(tracking_uri=store(repo), registry_uri=store(repo))
+    version = client.get_model_version_by_alias("mlsys-unet", "champion")
+    assert version.tags["mlsys.model"] == best and int(version.version) == summary["champion"]["version"]
+    assert client.get_run(version.run_id).info.run_name == f"train@{best}", "the model logged by its training"
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][f"train@{best}"]["outs"]
+    assert version.tags["mlsys.weights_md5"] == next(o["md5"] for o in outs if o["path"] == f"models/{best}.pt")
+
+    mlflow.set_tracking_uri(store(repo))
+    mlflow.set_registry_uri(store(repo))
+    served = mlflow.pytorch.load_model("models:/mlsys-unet@champion")
+    images, _ = data.head(repo / "data/clean.h5", "test", 5)
+    weights = load_weights(repo / f"models/{best}.pt", load_params(repo / "params.yaml").model).eval()
+    with torch.no_grad():
+        expected, got = weights(images), served(images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_dvc_exp_show_and_plots_read_the_pipeline_outputs(pipeline, tmp_path):
+    repo, _ = pipeline
+    show = json.loads(run(repo, "dvc", "exp", "show", "--json").stdout)
+    metrics = show[0]["data"]["metrics"]  # the workspace
+    report_metrics = metrics["metrics/report.json"]["data"]
+    assert report_metrics["champion"]["model"] in {"model1", "model2", "model3", "model4"}
+    assert len(report_metrics["mlflow"]["pipeline_run_id"]) == 32
+    assert len(metrics["metrics/eval/model2.json"]["data"]["mlflow_run_id"]) == 32
+    rows = (repo / "plots/report/per_class_dice.csv").read_text().splitlines()
+    assert rows[0] == "label,model,class,clean_dice,attack_dice" and rows[1].startswith("model1 background,")
+    out = tmp_path / "plots"
+    run(repo, "dvc", "plots", "show", "-o", str(out))
+    page = (out / "index.html").read_text()
+    for title in ("validation loss", "training loss", "per-class Dice, clean test split", "per-class Dice, under attack"):
+        assert title in page, title
