@@ -103,9 +103,8 @@ def cmd_train(args, p) -> None:
         parts = [data.load_split(path, "train") for path in paths]
         train = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
         valid = data.load_split(PATHS["clean"], "valid")
-        digests = {path: tracking.dataset_digest(path) for path in dict.fromkeys(paths + [PATHS["clean"]])}
-        for path in digests:
-            tracking.log_dataset(path, "training" if path in paths else "validation")
+        digests = {path: tracking.log_dataset(path, "training" if path in paths else "validation")
+                   for path in dict.fromkeys(paths + [PATHS["clean"]])}
         torch.manual_seed(p.train.seed)
         model = build_model(p.model)
         fingerprint = json.dumps({"params": params, "data": digests}, sort_keys=True, default=str)

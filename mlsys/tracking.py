@@ -292,12 +292,13 @@ def dataset_digest(path: str | os.PathLike) -> str:
     return file_md5(path)
 
 
-def log_dataset(path: str | os.PathLike, context: str) -> None:
-    """Record a DVC-tracked data file as an MLflow dataset input (name, digest, source)."""
+def log_dataset(path: str | os.PathLike, context: str) -> str:
+    """Record a DVC-tracked data file as an MLflow dataset input (name, digest, source);
+    returns its md5."""
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
-
-    import warnings
 
     path = Path(path)
     digest = dataset_digest(path)
@@ -306,6 +307,7 @@ def log_dataset(path: str | os.PathLike, context: str) -> None:
         source = resolve_dataset_source(str(path.resolve()))
     ds = MetaDataset(source=source, name=path.name, digest=digest[:36])
     mlflow.log_input(ds, context=context, tags={"dvc.md5": digest})
+    return digest
 
 
 REGISTERED_MODEL = "mlsys-unet"
