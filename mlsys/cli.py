@@ -281,10 +281,9 @@ def cmd_report(args, p) -> None:
         t1, t2, attack = report.tables_from_eval(evals)
         figs: list[tuple[str, str]] = []
         (out / "figures").mkdir(parents=True, exist_ok=True)
-        titles = {"table1": "Table 1: clean test split", "table2": f"Table 2: under attack ({attack})"}
-        for name, tab in (("table1", t1), ("table2", t2)):
+        for name, tab, title in zip(("table1", "table2"), (t1, t2), report.table_titles(attack)):
             (out / f"{name}.csv").write_text(report.to_csv(tab))
-            (out / f"{name}.md").write_text(report.to_markdown(tab, titles[name]))
+            (out / f"{name}.md").write_text(report.to_markdown(tab, title))
             mlflow.log_table(tab, f"tables/{name}.json")
         histories = {}
         for m in MODELS:
@@ -393,8 +392,8 @@ def cmd_compare(args, p) -> None:
     t1, t2, attack = report.tables_from_eval(evals)
     print(f"runs: {', '.join(f'{m}={latest[m].info.run_id[:8]}' for m in MODELS if m in latest)}"
           + (f" (missing: {', '.join(missing)})" if missing else ""))
-    print(report.to_markdown(t1, "Table 1: clean test split"))
-    print(report.to_markdown(t2, f"Table 2: under attack ({attack})"))
+    for tab, title in zip((t1, t2), report.table_titles(attack)):
+        print(report.to_markdown(tab, title))
 
 
 def cmd_ui(args, p) -> None:
@@ -459,12 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="write Tables 1 and 2 and the figures to reports/")
     s = sub.add_parser("compare", help="print Tables 1 and 2 from the MLflow runs")
     s.add_argument("--parent", help="pipeline parent run id (default: the latest pipeline)")
-    s = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=5000)
+    ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store")
     s = sub.add_parser("server", help="start an MLflow tracking server (database backend, served artifacts)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=5000)
+    for listener in (ui, s):
+        listener.add_argument("--host", default="127.0.0.1",
+                              help="address to bind (default: 127.0.0.1, this machine only)")
+        listener.add_argument("--port", type=int, default=5000)
     s.add_argument("--backend-store-uri",
                    help="SQLAlchemy database URI (default: sqlite:///<repo>/mlflow-server/mlflow.db)")
     s.add_argument("--artifacts-destination", help="where the server stores artifacts: a folder or s3://, gs://, ... "

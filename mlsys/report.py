@@ -98,12 +98,16 @@ def per_class_rows(evals: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def table_titles(attack: str) -> tuple[str, str]:
+    """Titles of Table 1 and Table 2; ``attack`` as :func:`tables_from_eval` names it."""
+    return "Table 1: clean test split", f"Table 2: under attack ({attack})"
+
+
 def markdown_report(t1: dict, t2: dict, attack: str, figures: list[tuple[str, str]],
                     notes: tuple[str, ...] = ()) -> str:
     """One page: both tables and the figures (relative paths)."""
     parts = [f"# {TITLE}", "", METRICS_NOTE, "", *[x for n in notes for x in (n, "")],
-             to_markdown(t1, "Table 1: clean test split"), "",
-             to_markdown(t2, f"Table 2: under attack ({attack})"), ""]
+             *[x for t, title in zip((t1, t2), table_titles(attack)) for x in (to_markdown(t, title), "")]]
     for title, path in figures:
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
     return "\n".join(parts)
@@ -126,7 +130,7 @@ def html_report(t1: dict, t2: dict, attack: str, figures: list[tuple[str, str]],
 
     parts = [f"<h1>{html.escape(TITLE)}</h1>", f"<p>{html.escape(METRICS_NOTE)}</p>",
              *[f"<p><b>{html.escape(n)}</b></p>" for n in notes],
-             tab(t1, "Table 1: clean test split"), tab(t2, f"Table 2: under attack ({attack})")]
+             *[tab(t, title) for t, title in zip((t1, t2), table_titles(attack))]]
     for title, path in figures:
         data = base64.b64encode((Path(folder) / path).read_bytes()).decode()
         parts += [f"<h2>{html.escape(title)}</h2>",
