@@ -15,9 +15,7 @@ through the fused ops there, whose plain-PyTorch references define the results.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,7 +25,8 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .attacks import eval_mode, full_area, input_grad, pgd
-from .data import atomic_path, create_dataset, file_md5, image_size, iter_chunks, split_of
+from .data import create_dataset, file_md5, image_size, iter_chunks, split_of
+from .distributed import ChunkStore, Group, Shard, run_chunks
 from .params import Method1Params, Method2Params
 
 
@@ -110,95 +109,69 @@ def _model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _open_partial(partial: Path, fingerprint: dict) -> None:
-    """The folder of finished chunks of an interrupted run of the same work (same
-    fingerprint); any other content is discarded."""
-    text = json.dumps(fingerprint, sort_keys=True, default=str)
-    stamp = partial / "fingerprint.json"
-    if partial.exists():
-        try:
-            same = stamp.read_text() == text
-        except OSError:
-            same = False
-        if not same:
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    if not stamp.exists():
-        with atomic_path(stamp) as tmp:
-            tmp.write_text(text)
-
-
-def _load_chunk(path: Path, count: int) -> dict[str, np.ndarray] | None:
-    """A finished chunk (written whole by _save_chunk), or None."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception:  # noqa: BLE001 - unreadable: recompute it
-        path.unlink(missing_ok=True)
-        return None
-    return arrays if len(arrays.get("images", ())) == count else None
-
-
-def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
 def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out: str | os.PathLike,
-              cfg, device: torch.device, provenance: dict, progress: bool = True) -> dict[str, float]:
+              cfg, device: torch.device, provenance: dict, progress: bool = True, shard: Shard = Shard(),
+              group: Group | None = None) -> dict[str, float] | None:
     """Write data/<method>.h5: the training split of ``clean`` perturbed by ``method``
-    (true masks kept), streamed chunk by chunk. Returns summary statistics.
+    (true masks kept), chunk by chunk (``batch_size`` images). Returns summary
+    statistics, or None where this process only computed chunks (a ``shard`` of
+    several, or a torchrun rank other than 0).
 
-    Resume: every finished chunk is also kept in ``.<out name>.partial/`` beside ``out``,
-    under a fingerprint of the inputs (clean data md5, model weights, settings, device,
-    ops backend). A run killed at any point continues from its last finished chunk and
-    writes the same dataset as an uninterrupted run; the folder is removed on success."""
+    Every finished chunk is kept in ``.<out name>.partial/`` beside ``out`` under a
+    fingerprint of the inputs (clean data md5, model weights, settings, device type,
+    ops backend): a killed run resumes from its last finished chunk, shards computed
+    elsewhere are merged, and the dataset is the same bytes as one uninterrupted
+    process writes. The folder is removed once ``out`` is complete."""
     mcfg: Method1Params | Method2Params = getattr(cfg, method)
     train = split_of(clean, "train")
     n = len(train)
     C = model.head.out_channels
+    model.to(device)
+    out = Path(out)
+    main = group is None or group.main
+    store = ChunkStore(out.with_name(f".{out.name}.partial"), {
+        "method": method, "settings": asdict(mcfg), "n": n, "classes": C, "seed": cfg.seed,
+        "clean_md5": file_md5(clean), "model": _model_digest(model), "device": device.type,
+        "ops": ops.backend() if method == "method2" else None}) if main else None
+    before = store.done() if store else set()
+
+    def compute(batch) -> dict[str, np.ndarray]:
+        j, images, masks = batch
+        torch.manual_seed(cfg.seed * 1_000_003 + j)  # standard PGD's random start: per chunk, any shard
+        x, y = images.to(device), masks.to(device)
+        if method == "method1":
+            return {"images": method_one(model, x, mcfg).cpu().numpy()}
+        adv, signs, scores, index = method_two(model, x, y, mcfg)
+        return {"images": adv.cpu().numpy(), "signs": signs.cpu().numpy(),
+                "score": scores.cpu().numpy(), "index": index.cpu().numpy()}
+
+    bs = mcfg.batch_size
+    chunks = ((j, (j, images, masks)) for j, (_, images, masks, _) in enumerate(iter_chunks(clean, "train", bs)))
+    with tqdm(total=n, desc=method if shard.count == 1 else f"{method} shard {shard}", unit="img",
+              disable=not (progress and main)) as bar:
+        bar.update(sum(min(bs, n - j * bs) for j in before if shard.owns(j)))
+        run_chunks(chunks, compute, store, shard, group, lambda j: bar.update(min(bs, n - j * bs)))
+    if shard.count > 1 or not main:
+        return None
+
     extra = {"signs": ((C,), np.int8), "score": ((), np.float32), "index": ((), np.int64)} \
         if method == "method2" else None
     attrs = {**provenance, "kind": method, "source": f"{method} of {os.fspath(clean)}",
              "settings": asdict(mcfg), "class_order": list(range(C)), "seed": cfg.seed,
              "mode": getattr(mcfg, "mode", "signed-combination search")}
-    model.to(device)
-    out = Path(out)
-    partial = out.with_name(f".{out.name}.partial")
-    _open_partial(partial, {"method": method, "settings": asdict(mcfg), "n": n, "classes": C,
-                            "clean_md5": file_md5(clean), "model": _model_digest(model),
-                            "device": device.type, "ops": ops.backend() if method == "method2" else None})
     linf, l2 = [], []
-    resumed = 0
-    size = image_size(clean)
     splits = {"train": np.arange(n), "valid": np.arange(0), "test": np.arange(0)}
-    with create_dataset(out, n, size, attrs, splits, extra) as w, \
-            tqdm(total=n, desc=method, unit="img", disable=not progress) as bar:
-        start = 0
-        for idx, images, masks, tissue in iter_chunks(clean, "train", mcfg.batch_size):
-            saved = partial / f"{start:09d}.npz"
-            result = _load_chunk(saved, len(idx))
-            if result is None:
-                x, y = images.to(device), masks.to(device)
-                if method == "method1":
-                    result = {"images": method_one(model, x, mcfg).cpu().numpy()}
-                else:
-                    adv, signs, scores, index = method_two(model, x, y, mcfg)
-                    result = {"images": adv.cpu().numpy(), "signs": signs.cpu().numpy(),
-                              "score": scores.cpu().numpy(), "index": index.cpu().numpy()}
-                _save_chunk(saved, result)  # the resume point: this chunk is done
-            else:
-                resumed += len(idx)
-            w.write(start, masks=masks.to(torch.uint8), tissue=tissue, **result)
+    with create_dataset(out, n, image_size(clean), attrs, splits, extra) as w:
+        for j, (idx, images, masks, tissue) in enumerate(iter_chunks(clean, "train", bs)):
+            result = store.load(j)
+            if result is None or len(result["images"]) != len(idx):
+                raise RuntimeError(f"{method}: chunk {j} vanished from {store.folder} while merging")
+            w.write(j * bs, masks=masks.to(torch.uint8), tissue=tissue, **result)
             d = (torch.from_numpy(result["images"]) - images).flatten(1)
             linf += d.abs().amax(1).tolist()
             l2 += d.norm(dim=1).tolist()
-            start += len(idx)
-            bar.update(len(idx))
-    shutil.rmtree(partial, ignore_errors=True)
+    store.remove()
+    resumed = sum(min(bs, n - j * bs) for j in before)
     if resumed:
-        print(f"{method}: resumed {resumed} of {n} images from {partial}")
+        print(f"{method}: resumed {resumed} of {n} images from {store.folder} (an interrupted run's or shards')")
     return {"n_images": float(n), "mean_linf": float(np.mean(linf)), "mean_l2": float(np.mean(l2))}
-

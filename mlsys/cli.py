@@ -81,6 +81,43 @@ def _onehot_logits(masks):
 
 
 def cmd_train(args, p) -> None:
+    from . import distributed
+    from .train import pick_device
+
+    distributed.launch(p.distributed.nproc.train, args.argv)  # > 1: this process becomes torchrun
+    with distributed.process_group(pick_device(p.train.device), p.distributed.timeout_s) as group:
+        if group is None or group.main:  # rank 0 alone logs, checkpoints and writes outputs
+            _train(args, p, group)
+        else:
+            _train_rank(args, p, group)
+
+
+def _training_data(name: str):
+    import torch
+
+    from . import data
+    from .train import MODELS
+
+    paths = [PATHS["clean"] if s == "clean" else PATHS["set"].format(s) for s in MODELS[name]]
+    parts = [data.load_split(path, "train") for path in paths]
+    return paths, (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), \
+        data.load_split(PATHS["clean"], "valid")
+
+
+def _train_rank(args, p, group) -> None:
+    """A torchrun rank other than 0: the same training steps, nothing logged or written."""
+    import torch
+
+    from .model import build_model
+    from .train import epochs_for, train_model
+
+    _, train, valid = _training_data(args.model)
+    torch.manual_seed(p.train.seed)
+    train_model(build_model(p.model), train, valid, p.train, epochs_for(args.model, p.train),
+                progress=False, group=group)
+
+
+def _train(args, p, group) -> None:
     import mlflow
     import torch
 
@@ -92,17 +129,16 @@ def cmd_train(args, p) -> None:
 
     name = args.model
     sets = MODELS[name]
-    paths = [PATHS["clean"] if s == "clean" else PATHS["set"].format(s) for s in sets]
     params = {**{f"model.{k}": v for k, v in section_dict(p.model).items()},
               **{f"train.{k}": v for k, v in section_dict(p.train).items()}}
     epochs = epochs_for(name, p.train)
     params["train.epochs_effective"] = epochs
     params["train.sets"] = ",".join(sets)
+    params["train.processes"] = group.world if group else 1
+    params["train.batch_per_process"] = p.train.batch_size // (group.world if group else 1)
     with tracking.stage_run(f"train@{name}", params, p.tracking.experiment,
                             {"mlsys.stage": "train", "mlsys.model": name, "mlsys.method": _method_tag(name)}):
-        parts = [data.load_split(path, "train") for path in paths]
-        train = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
-        valid = data.load_split(PATHS["clean"], "valid")
+        paths, train, valid = _training_data(name)
         digests = {path: tracking.log_dataset(path, "training" if path in paths else "validation")
                    for path in dict.fromkeys(paths + [PATHS["clean"]])}
         torch.manual_seed(p.train.seed)
@@ -115,7 +151,7 @@ def cmd_train(args, p) -> None:
 
         Path(PATHS["checkpoint"].format(name)).parent.mkdir(parents=True, exist_ok=True)
         history = train_model(model, train, valid, p.train, epochs, PATHS["checkpoint"].format(name),
-                              fingerprint, on_epoch, _progress())
+                              fingerprint, on_epoch, _progress(), group)
         model.cpu().eval()
         save_weights(model, p.model, PATHS["weights"].format(name),
                      {"model": name, "sets": list(sets), "epochs": epochs})
@@ -168,88 +204,115 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 
 def cmd_evaluate(args, p) -> None:
+    from . import distributed
+    from .train import pick_device
+
+    distributed.launch(p.distributed.nproc.evaluate, args.argv)
+    with distributed.process_group(pick_device(p.train.device), p.distributed.timeout_s) as group:
+        _evaluate(args, p, group)
+
+
+def _evaluate(args, p, group) -> None:
+    import contextlib
+
     import mlflow
     import torch
 
     from . import data, figures, tracking
-    from .attacks import attack_from_params
-    from .evaluate import SegMetrics, predict
+    from .distributed import ChunkStore, Shard
+    from .evaluate import evaluate_split, predict
     from .params import section_dict
     from .train import load_weights, pick_device
 
     name, cfg, acfg = args.model, p.evaluate, p.evaluate.attack
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    main = (group is None or group.main) and shard.count == 1  # the process that logs and writes
     params = {f"evaluate.{k}": v for k, v in section_dict(cfg).items()}
-    with tracking.stage_run(f"evaluate@{name}", params, p.tracking.experiment,
-                            {"mlsys.stage": "evaluate", "mlsys.model": name, "mlsys.method": _method_tag(name),
-                             "mlsys.attack_mode": acfg.mode}):
-        torch.manual_seed(0)  # standard PGD's random start: the same draws on every run
-        device = pick_device(p.train.device)
+    run = tracking.stage_run(f"evaluate@{name}", params, p.tracking.experiment,
+                             {"mlsys.stage": "evaluate", "mlsys.model": name, "mlsys.method": _method_tag(name),
+                              "mlsys.attack_mode": acfg.mode}) if main else contextlib.nullcontext()
+    with run:
+        device = group.device if group else pick_device(p.train.device)
         model = load_weights(PATHS["weights"].format(name), p.model).to(device).eval()
-        tracking.log_dataset(PATHS["clean"], "evaluation")
-        clean, attacked = SegMetrics(p.model.n_classes, cfg.paper_threshold), \
-            SegMetrics(p.model.n_classes, cfg.paper_threshold)
-        panel = None
-        from tqdm.auto import tqdm
-
-        test_n = len(data.split_of(PATHS["clean"], "test"))
-        bar = tqdm(total=test_n, desc=f"evaluate {name}", unit="img", disable=not _progress())
-        for _, images, masks, _ in data.iter_chunks(PATHS["clean"], "test", acfg.batch_size):
-            images, masks = images.to(device), masks.to(device)
-            with torch.no_grad():
-                clean.update(model(images), masks)
-            adv = attack_from_params(model, images, acfg, acfg.target)
-            with torch.no_grad():
-                logits = model(adv)
-            attacked.update(logits, masks)
-            if panel is None:
-                n = min(cfg.n_panel, len(images))
-                panel = (images[:n].cpu(), adv[:n].cpu(), masks[:n].cpu(), logits[:n].cpu())
-            bar.update(len(images))
-        bar.close()
+        out = Path(PATHS["eval_metrics"].format(name))
+        store = ChunkStore(out.with_name(f".{out.name}.partial"), {  # finished chunks: resume and merge
+            "weights_md5": data.file_md5(PATHS["weights"].format(name)), "clean_md5": data.file_md5(PATHS["clean"]),
+            "evaluate": section_dict(cfg), "device": device.type}) if group is None or group.main else None
+        if main:
+            tracking.log_dataset(PATHS["clean"], "evaluation")
+        done = evaluate_split(model, PATHS["clean"], "test", cfg, device, store, shard, group,
+                              _progress() and (group is None or group.main))
+        if done is None:  # a shard: its chunks are in the store for the merging run
+            if shard.count > 1:
+                print(f"evaluate@{name} shard {shard}: chunks in {store.folder}; run without --shard to merge")
+            return
+        clean, attacked, panel = done
         res = {"clean": clean.result(), "attack": attacked.result(),
                "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
                                    "target": acfg.target, "alpha": acfg.alpha}}
         mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
-        with data.atomic_dir(PATHS["eval_figures"].format(name)) as out:  # a DVC out dir: all or nothing
+        with data.atomic_dir(PATHS["eval_figures"].format(name)) as figs:  # a DVC out dir: all or nothing
             fig = figures.perturbation_panel(*panel, f"{name} under {acfg.mode} attack ({acfg.steps} steps, "
                                                      f"eps {acfg.eps}, target class {acfg.target})")
             mlflow.log_figure(fig, "figures/attack_panel.png")
-            figures.save(fig, out / "attack_panel.png")
+            figures.save(fig, figs / "attack_panel.png")
             fig = figures.prediction_panel(panel[0], panel[2], predict(model.cpu(), panel[0], len(panel[0]),
                                                                        torch.device("cpu")),
                                            f"{name}: test predictions (clean)")
             mlflow.log_figure(fig, "figures/predictions_test.png")
-            figures.save(fig, out / "predictions_clean.png")
-        _write_json(PATHS["eval_metrics"].format(name), {**res, "mlflow_run_id": mlflow.active_run().info.run_id})
+            figures.save(fig, figs / "predictions_clean.png")
+        _write_json(out, {**res, "mlflow_run_id": mlflow.active_run().info.run_id})
+        store.remove()
         print(f"evaluate@{name}: clean accuracy {res['clean']['accuracy']:.4f} dice {res['clean']['dice']:.4f}"
               f" | attacked accuracy {res['attack']['accuracy']:.4f} dice {res['attack']['dice']:.4f}")
 
 
 def cmd_augment(args, p) -> None:
+    from . import distributed
+    from .train import pick_device
+
+    distributed.launch(p.distributed.nproc.augment, args.argv)
+    with distributed.process_group(pick_device(p.augment.device), p.distributed.timeout_s) as group:
+        _augment(args, p, group)
+
+
+def _augment(args, p, group) -> None:
+    import contextlib
+
     import mlflow
     import torch
 
     from . import data, figures, ops, tracking
     from .augment import build_set
+    from .distributed import Shard
     from .params import section_dict
     from .train import load_weights, pick_device
 
     method = args.method
+    shard = Shard.parse(args.shard) if args.shard else Shard()
+    main = (group is None or group.main) and shard.count == 1  # the process that logs and writes
     mcfg = getattr(p.augment, method)
     params = {f"augment.{method}.{k}": v for k, v in section_dict(mcfg).items()}
     params["augment.seed"] = p.augment.seed
-    with tracking.stage_run(f"augment@{method}", params, p.tracking.experiment,
-                            {"mlsys.stage": "augment", "mlsys.method": method,
-                             "mlsys.ops_backend": ops.backend()}):
-        torch.manual_seed(p.augment.seed)
-        device = pick_device(p.augment.device)
+    run = tracking.stage_run(f"augment@{method}", params, p.tracking.experiment,
+                             {"mlsys.stage": "augment", "mlsys.method": method,
+                              "mlsys.ops_backend": ops.backend()}) if main else contextlib.nullcontext()
+    with run:
+        device = group.device if group else pick_device(p.augment.device)
         weights = PATHS["weights"].format("model1")
         model = load_weights(weights, p.model).to(device).eval()
-        tracking.log_dataset(PATHS["clean"], "source")
+        if main:
+            tracking.log_dataset(PATHS["clean"], "source")
         out = PATHS["set"].format(method)
-        provenance = {"producing_model": weights, "producing_model_md5": tracking.dataset_digest(weights),
+        provenance = {"producing_model": weights, "producing_model_md5": data.file_md5(weights),
                       "ops_backend": ops.backend()}
-        stats = build_set(method, model, PATHS["clean"], out, p.augment, device, provenance, _progress())
+        stats = build_set(method, model, PATHS["clean"], out, p.augment, device, provenance,
+                          _progress() and (group is None or group.main), shard, group)
+        if stats is None:
+            if shard.count > 1:
+                print(f"augment@{method} shard {shard}: chunks in .{Path(out).name}.partial; "
+                      "run without --shard to merge")
+            return
         mlflow.log_metrics(stats)
         _write_json(PATHS["augment_metrics"].format(method), stats)
         tracking.log_dataset(out, "output")
@@ -453,8 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", choices=["model1", "model2", "model3", "model4"])
     s = sub.add_parser("augment", help="build a method-one or method-two training set with model 1")
     s.add_argument("method", choices=["method1", "method2"])
+    shard_help = ("compute only shard i of n (chunks j with j mod n == i) and keep them for the merge: "
+                  "a later run without --shard merges every shard into the same output as one process")
+    s.add_argument("--shard", metavar="I/N", help=shard_help)
     s = sub.add_parser("evaluate", help="evaluate one model on the test split, clean and under attack")
     s.add_argument("model", choices=["model1", "model2", "model3", "model4"])
+    s.add_argument("--shard", metavar="I/N", help=shard_help)
     sub.add_parser("report", help="write Tables 1 and 2 and the figures to reports/")
     s = sub.add_parser("compare", help="print Tables 1 and 2 from the MLflow runs")
     s.add_argument("--parent", help="pipeline parent run id (default: the latest pipeline)")
@@ -485,6 +552,7 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "augment": cmd_augment, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun re-runs (distributed.launch)
     debug = args.debug or os.environ.get("MLSYS_DEBUG") == "1"
     from .data import DataError
     from .params import ParamsError, load_params
@@ -502,6 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the stage's run is already ended KILLED
         print(f"mlsys {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not isinstance(err, dist.DistError):
+            raise
+        if debug:
+            traceback.print_exc()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"mlsys {args.command}: error: another process of this torchrun job failed or is unreachable "
+              f"({first[:200]})", file=sys.stderr)
+        return 1
     except BaseException as err:
         tracking = sys.modules.get("mlsys.tracking")
         if tracking is None or not isinstance(err, tracking.StageKilled):

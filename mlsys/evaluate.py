@@ -16,8 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .params import CLASS_NAMES
 
@@ -58,6 +60,19 @@ class SegMetrics:
         truth = F.one_hot(masks, C).permute(0, 3, 1, 2).bool()
         self.paper += torch.tensor([(fired & truth).sum().item(), (fired & ~truth).sum().item(),
                                     (~fired & truth).sum().item()], dtype=torch.float64)
+
+    def state(self) -> "np.ndarray":
+        """All counts as one float64 vector (exact: pixel counts stay far below 2**53)."""
+        return torch.cat([torch.tensor([self.loss_sum, self.pixels, self.correct], dtype=torch.float64),
+                          self.tp, self.fp, self.fn, self.paper]).numpy()
+
+    @classmethod
+    def from_state(cls, vec, n_classes: int, threshold: float) -> "SegMetrics":
+        m, v, C = cls(n_classes, threshold), torch.as_tensor(vec, dtype=torch.float64), n_classes
+        m.loss_sum, m.pixels, m.correct = float(v[0]), int(v[1]), int(v[2])
+        m.tp, m.fp, m.fn, m.paper = v[3:3 + C].clone(), v[3 + C:3 + 2 * C].clone(), \
+            v[3 + 2 * C:3 + 3 * C].clone(), v[3 + 3 * C:].clone()
+        return m
 
     def merge(self, other: "SegMetrics") -> "SegMetrics":
         self.loss_sum += other.loss_sum
@@ -100,12 +115,74 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, devic
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int,
-             device: torch.device, threshold: float = 0.1) -> dict[str, float]:
-    """Metrics of ``model`` on images (N, 3, H, W) in [0, 1] with masks (N, H, W)."""
+             device: torch.device, threshold: float = 0.1, group=None) -> dict[str, float]:
+    """Metrics of ``model`` on images (N, 3, H, W) in [0, 1] with masks (N, H, W).
+    Under torchrun (``group``) each rank passes its share; the counts are summed."""
     was_training = model.training
     model.eval()
-    m = SegMetrics(n_classes=model.head.out_channels, threshold=threshold)
+    C = model.head.out_channels
+    m = SegMetrics(n_classes=C, threshold=threshold)
     for i in range(0, len(images), batch_size):
         m.update(model(images[i:i + batch_size].to(device)), masks[i:i + batch_size])
     model.train(was_training)
+    if group is not None:
+        from .distributed import all_sum
+
+        m = SegMetrics.from_state(all_sum(torch.from_numpy(m.state()), group), C, threshold)
     return m.result()
+
+def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: torch.device,
+                   store=None, shard=None, group=None, progress: bool = True):
+    """Metrics of ``model`` on a split of the HDF5 file ``path``, clean and under the
+    attack of ``cfg`` (EvaluateParams), chunk by chunk (``cfg.attack.batch_size`` images).
+
+    Each chunk's counts are kept in ``store`` (a :class:`mlsys.distributed.ChunkStore`)
+    and folded in chunk order, so shards (``shard``, or torchrun ranks in ``group``)
+    merge into exactly the single-process numbers. Returns (clean SegMetrics, attacked
+    SegMetrics, panel arrays of the first ``cfg.n_panel`` images: image, adversarial,
+    mask, logits), or None where this process only computed its chunks."""
+    from .attacks import attack_from_params
+    from .data import iter_chunks, split_of
+    from .distributed import Shard, run_chunks
+
+    shard = shard or Shard()
+    acfg, C, thr = cfg.attack, model.head.out_channels, cfg.paper_threshold
+    n, bs = len(split_of(path, split)), cfg.attack.batch_size
+    main = group is None or group.main
+
+    def compute(batch) -> dict[str, np.ndarray]:
+        j, images, masks = batch
+        torch.manual_seed(j)  # standard PGD's random start: the same draws for a chunk on any shard
+        images, masks = images.to(device), masks.to(device)
+        clean, attacked = SegMetrics(C, thr), SegMetrics(C, thr)
+        with torch.no_grad():
+            clean.update(model(images), masks)
+        adv = attack_from_params(model, images, acfg, acfg.target)
+        with torch.no_grad():
+            logits = model(adv)
+        attacked.update(logits, masks)
+        out = {"clean": clean.state(), "attack": attacked.state()}
+        if j == 0:
+            k = min(cfg.n_panel, len(images))
+            out.update(panel_images=images[:k].cpu().numpy(), panel_adv=adv[:k].cpu().numpy(),
+                       panel_masks=masks[:k].cpu().numpy(), panel_logits=logits[:k].float().cpu().numpy())
+        return out
+
+    chunks = ((j, (j, x, y)) for j, (_, x, y, _) in enumerate(iter_chunks(path, split, bs)))
+    before = store.done() if store is not None else set()
+    with tqdm(total=n, desc="evaluate", unit="img", disable=not (progress and main)) as bar:
+        bar.update(sum(min(bs, n - j * bs) for j in before if shard.owns(j)))
+        run_chunks(chunks, compute, store, shard, group, lambda j: bar.update(min(bs, n - j * bs)))
+    if shard.count > 1 or not main:
+        return None
+    clean, attacked = SegMetrics(C, thr), SegMetrics(C, thr)
+    for j in range((n + bs - 1) // bs):
+        part = store.load(j)
+        if part is None:
+            raise RuntimeError(f"evaluate: chunk {j} vanished from {store.folder} while merging")
+        clean.merge(SegMetrics.from_state(part["clean"], C, thr))
+        attacked.merge(SegMetrics.from_state(part["attack"], C, thr))
+        if j == 0:
+            panel = tuple(torch.from_numpy(part[k]) for k in ("panel_images", "panel_adv", "panel_masks",
+                                                                "panel_logits"))
+    return clean, attacked, panel

@@ -111,6 +111,19 @@ class TrackingParams:
 
 
 @dataclass
+class NprocParams:
+    train: int = 1                 # DDP processes; train.batch_size is the global batch, split evenly
+    augment: int = 1               # processes building a method's set (rank 0 merges: identical result)
+    evaluate: int = 1              # processes evaluating a model (rank 0 merges: identical result)
+
+
+@dataclass
+class DistributedParams:
+    nproc: NprocParams = field(default_factory=NprocParams)  # per stage; > 1 launches torchrun
+    timeout_s: float = 300.0       # a collective waiting longer than this (dead peer) fails the stage
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -118,6 +131,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    distributed: DistributedParams = field(default_factory=DistributedParams)
 
     def validate(self) -> "Params":
         d, m, t = self.data, self.model, self.train
@@ -163,6 +177,13 @@ class Params:
         _check(0 < self.evaluate.paper_threshold < 1, "evaluate.paper_threshold",
                self.evaluate.paper_threshold, "in (0, 1)")
         _check(self.evaluate.n_panel >= 1, "evaluate.n_panel", self.evaluate.n_panel, ">= 1")
+        for stage in ("train", "augment", "evaluate"):
+            n = getattr(self.distributed.nproc, stage)
+            _check(n >= 1, f"distributed.nproc.{stage}", n, ">= 1")
+        n = self.distributed.nproc.train
+        _check(t.batch_size % n == 0, "train.batch_size", t.batch_size,
+               f"a multiple of distributed.nproc.train = {n} (the global batch is split evenly)")
+        _check(self.distributed.timeout_s > 0, "distributed.timeout_s", self.distributed.timeout_s, "> 0")
         return self
 
 

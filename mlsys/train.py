@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
 from .data import atomic_path
+from .distributed import Group, all_sum, broadcast
 from .evaluate import evaluate
 from .model import UNet, build_model
 from .params import ModelParams, TrainParams
@@ -66,9 +70,9 @@ def lr_at(epoch: int, cfg: TrainParams) -> float:
     return cfg.lr * math.exp(-cfg.lr_decay * (epoch // cfg.lr_step))
 
 
-def _seed_epoch(seed: int, epoch: int) -> torch.Generator:
-    torch.manual_seed(seed * 100_003 + epoch)  # dropout draws
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)  # shuffle order
+def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Dropout draws of an epoch (the shuffle is the sampler's, seeded alike)."""
+    torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
 
 
 def save_weights(model: UNet, cfg: ModelParams, path: str | os.PathLike, meta: dict | None = None) -> None:
@@ -122,18 +126,31 @@ def load_weights(path: str | os.PathLike, cfg: ModelParams, map_location="cpu") 
 def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor],
                 cfg: TrainParams, epochs: int, checkpoint: str | os.PathLike | None = None,
                 fingerprint: str = "", on_epoch: Callable[[int, dict], None] | None = None,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, group: Group | None = None) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history.
 
     train/valid: images (N, 3, H, W) float in [0, 1] and masks (N, H, W) int64.
     ``checkpoint``: file rewritten after every epoch; an existing one with the same
     ``fingerprint`` (params + data digests) is resumed from.
-    ``on_epoch(epoch, row)`` is called after each epoch (logging)."""
+    ``on_epoch(epoch, row)`` is called after each epoch (logging).
+
+    ``group`` (torchrun, :mod:`mlsys.distributed`): DistributedDataParallel over its W
+    processes. ``cfg.batch_size`` stays the global batch: each rank takes batch_size / W
+    images of every step from a DistributedSampler whose seeded shuffle is the
+    single-process order, so W processes follow the single-process trajectory (up to
+    float summation order, dropout draws, and the up to W - 1 images the sampler repeats
+    when W does not divide N). Rank 0 alone writes the checkpoint and gets ``on_epoch``;
+    every rank resumes from rank 0's checkpoint; validation is split across the ranks."""
     from .params import ParamsError
 
+    rank, world = (group.rank, group.world) if group else (0, 1)
+    main = rank == 0
     if cfg.batch_size > len(train[0]):
         raise ParamsError(f"params: train.batch_size = {cfg.batch_size} is invalid; expected at most "
                           f"the {len(train[0])} training images")
+    if cfg.batch_size % world:
+        raise ParamsError(f"params: train.batch_size = {cfg.batch_size} is invalid; expected a multiple of "
+                          f"the {world} processes (the global batch is split evenly)")
     n_classes = model.head.out_channels
     if int(train[1].max()) >= n_classes or int(valid[1].max()) >= n_classes:
         raise ParamsError(f"params: model.n_classes = {n_classes} is invalid; the masks hold class ids up "
@@ -143,61 +160,77 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
         raise ParamsError(f"params: model.depth = {model.depth} cannot pool the "
                           f"{train[0].shape[-2]}x{train[0].shape[-1]} images; expected a depth whose "
                           f"2**depth divides the image side")
-    device = pick_device(cfg.device)
+    device = group.device if group else pick_device(cfg.device)
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history: list[dict] = []
     start = 0
-    if checkpoint and Path(checkpoint).exists():
-        state = safe_load(checkpoint, "checkpoint", device)  # delete a refused one to start over
+    state = None
+    if main and checkpoint and Path(checkpoint).exists():
+        state = safe_load(checkpoint, "checkpoint", "cpu")  # delete a refused one to start over
         if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history"} <= set(state):
             raise CheckpointError(f"checkpoint {checkpoint} is not an mlsys training checkpoint; "
                                   "delete it to start over")
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            history, start = state["history"], state["epoch"] + 1
-            for row in history:  # the new run gets the whole curve, not only the new epochs
-                if on_epoch:
-                    on_epoch(row["epoch"], row)
-    step = model if not cfg.compile else torch.compile(model)
+        if state.get("fingerprint") != fingerprint:
+            state = None
+    state = broadcast(state, group)  # every rank resumes from rank 0's checkpoint
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"] + 1
+        for row in history:  # the new run gets the whole curve, not only the new epochs
+            if on_epoch:
+                on_epoch(row["epoch"], row)
+    net = model if group is None else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    step = net if not cfg.compile else torch.compile(net)
     images, masks = train
     amp = cfg.amp and device.type == "cuda"
+    per_rank = cfg.batch_size // world
+    # the single-process shuffle of epoch e is randperm(N) seeded with seed * 100_003 + e;
+    # the sampler deals rank r the positions r, r + W, ... of it, so the W shares of step k
+    # together are exactly the single-process batch k
+    sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.seed * 100_003)
     for epoch in range(start, epochs):
-        gen = _seed_epoch(cfg.seed, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, cfg)
+        _seed_epoch(cfg.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(epoch, cfg)
         model.train()
-        order = torch.randperm(len(images), generator=gen)
+        order = torch.tensor(list(sampler))
         total, seen = 0.0, 0
-        batches = range(0, len(order), cfg.batch_size)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress)
+        batches = range(0, len(order), per_rank)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                   disable=not (progress and main))
         for b in bar:
-            idx = order[b:b + cfg.batch_size]
+            idx = order[b:b + per_rank]
             x, y = images[idx].to(device, non_blocking=True), masks[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 loss = F.cross_entropy(step(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP: gradients averaged over the ranks (equal shares: the global mean)
             opt.step()
             total += loss.item() * len(idx)  # a device sync per batch; negligible next to the step
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
-        val = evaluate(model, valid[0], valid[1], cfg.batch_size, device)
+        total, seen = all_sum(torch.tensor([total, seen], dtype=torch.float64), group).tolist()
+        lo, hi = rank * len(valid[0]) // world, (rank + 1) * len(valid[0]) // world
+        val = evaluate(model, valid[0][lo:hi], valid[1][lo:hi], cfg.batch_size, device, group=group)
         row = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": total / seen,
                "valid_loss": val["loss"], "valid_accuracy": val["accuracy"],
                "valid_dice": val["dice"], "valid_jaccard": val["jaccard"],
                "valid_paper_dice": val["paper_dice"]}
         history.append(row)
-        if checkpoint:
+        if checkpoint and main:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                             "history": history, "fingerprint": fingerprint}, tmp)
         if on_epoch:
             on_epoch(epoch, row)
-        if progress:
+        if progress and main:
             tqdm.write(f"epoch {epoch + 1}/{epochs}  train loss {row['train_loss']:.4f}  "
                        f"valid loss {row['valid_loss']:.4f}  valid dice {row['valid_dice']:.4f}")
     return history

@@ -1,0 +1,228 @@
+"""Beyond one process: torchrun, DistributedDataParallel, and shards of chunked work.
+
+Three ways a stage uses more than one process, all with PyTorch's own engines:
+
+* **Training** under ``torchrun`` (:func:`launch` starts it when
+  ``distributed.nproc.train`` > 1): DistributedDataParallel with gloo on CPU and
+  nccl on GPU, a :class:`~torch.utils.data.DistributedSampler` whose seeded shuffle
+  is the single-process order, ``train.batch_size`` the GLOBAL batch (each of the W
+  processes takes batch_size / W of it). Rank 0 alone logs and writes checkpoints.
+* **Chunked work** (method one, method two, evaluation): the images are cut into
+  fixed chunks; chunk j belongs to shard j mod n. Under torchrun, ranks compute
+  their chunks and send them to rank 0 (:func:`run_chunks`), which stores them in
+  the stage's :class:`ChunkStore`; independent processes given ``--shard i/n``
+  store theirs in the same folder. Whoever then runs the stage unsharded finds every
+  chunk done and merges them in chunk order: the same bytes as one process.
+* **A dead peer** ends the stage: torchrun stops the other ranks when one fails,
+  and every collective has a timeout (``distributed.timeout_s``), so nothing hangs.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import atomic_path
+
+
+# --------------------------------------------------------------------------- launching
+def under_torchrun() -> bool:
+    """Whether this process is a worker started by torchrun (or another launcher
+    that sets the torch.distributed environment)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Re-run this command under ``torchrun --standalone --nproc-per-node nproc`` (this
+    process is replaced) when ``nproc`` > 1 and it is not already a torchrun worker.
+    Several machines: start torchrun yourself (README, "Many GPUs and machines")."""
+    if nproc <= 1 or under_torchrun():
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--max-restarts=0", "-m", "mlsys", *argv]
+    print(f"mlsys: {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the torchrun job."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device, timeout_s: float = 300.0) -> Iterator[Group | None]:
+    """Join the torchrun job (gloo on CPU, nccl on CUDA; each rank on GPU LOCAL_RANK),
+    or yield None when this is a single process. The group is left on exit."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        yield None
+        return
+    local = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield Group(dist.get_rank(), dist.get_world_size(), local, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def broadcast(obj, group: Group | None):
+    """``obj`` of rank 0, on every rank (pickled; keep it on the CPU)."""
+    if group is None:
+        return obj
+    box = [obj if group.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(values: torch.Tensor, group: Group | None) -> torch.Tensor:
+    """Element-wise sum over the ranks of a CPU float64 tensor (exact for counts)."""
+    if group is None:
+        return values
+    t = values.to(group.device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+# --------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the chunks j with j mod count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        from .params import ParamsError
+
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            i, n = -1, 0
+        if not 0 <= i < n:
+            raise ParamsError(f"--shard {text!r} is invalid; expected i/n with 0 <= i < n, e.g. 0/4")
+        return cls(i, n)
+
+    def owns(self, chunk: int) -> bool:
+        return chunk % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+class ChunkStore:
+    """Finished chunks of one piece of work, one ``.npz`` each, in a folder stamped
+    with the work's fingerprint (inputs and settings). A folder of other work is
+    cleared; files are written whole (atomic rename), so a kill never leaves half a
+    chunk, and an interrupted run resumes from what is there."""
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: dict) -> None:
+        self.folder = Path(folder)
+        text = json.dumps(fingerprint, sort_keys=True, default=str)
+        stamp = self.folder / "fingerprint.json"
+        if self.folder.exists():
+            try:
+                same = stamp.read_text() == text
+            except OSError:
+                same = False
+            if not same:
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not stamp.exists():
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(text)
+
+    def path(self, chunk: int) -> Path:
+        return self.folder / f"{chunk:06d}.npz"
+
+    def load(self, chunk: int) -> dict[str, np.ndarray] | None:
+        """A finished chunk, or None (an unreadable one is deleted: it is recomputed)."""
+        path = self.path(chunk)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception:  # noqa: BLE001 - truncated or foreign file
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        with atomic_path(self.path(chunk)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    def done(self) -> set[int]:
+        return {int(p.stem) for p in self.folder.glob("[0-9]*.npz")}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_chunks(chunks: Iterable[tuple[int, object]], compute: Callable[[object], dict[str, np.ndarray]],
+               store: ChunkStore, shard: Shard, group: Group | None,
+               on_done: Callable[[int], None] | None = None) -> None:
+    """Compute the chunks of ``shard`` that ``store`` lacks and save them there.
+
+    ``chunks`` yields (chunk number, input) in chunk order on every rank. Under torchrun
+    (``group``), the missing chunks are dealt round-robin to the ranks; each round's
+    results go to rank 0, which saves them (no shared file system needed).
+    ``on_done(n_images or chunk)`` is called on rank 0 for progress."""
+    done = broadcast(store.done() if group is None or group.main else None, group)
+    todo = ((j, x) for j, x in chunks if shard.owns(j) and j not in done)
+    if group is None:
+        for j, x in todo:
+            store.save(j, compute(x))
+            if on_done:
+                on_done(j)
+        return
+    while True:
+        mine = None
+        for turn, item in enumerate(_take(todo, group.world)):
+            if turn == group.rank:
+                mine = item
+        rows = [None] * group.world if group.main else None
+        result = None if mine is None else (mine[0], compute(mine[1]))
+        dist.gather_object(result, rows, dst=0)
+        got = broadcast(None if not group.main else any(r is not None for r in rows), group)
+        if group.main:
+            for row in rows:
+                if row is not None:
+                    store.save(*row)
+                    if on_done:
+                        on_done(row[0])
+        if not got:
+            return
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
