@@ -180,6 +180,9 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"] + 1
+        if main:
+            print(f"train: resumed from {checkpoint} after epoch {start} of {epochs}"
+                  + (f" (all {world} processes)" if world > 1 else ""), flush=True)
         for row in history:  # the new run gets the whole curve, not only the new epochs
             if on_epoch:
                 on_epoch(row["epoch"], row)

@@ -7,7 +7,8 @@
   merged, are byte-for-byte / number-for-number the single-process outputs of the
   session's micro pipeline;
 * one MLflow run per stage invocation however many processes;
-* SIGKILL of one rank ends the stage with an error, its run closed, no process left.
+* SIGKILL of one rank ends the stage with an error, its run closed, no process left;
+  the next run resumes every rank from rank 0's checkpoint.
 """
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ def _still_alive(pids: list[int]) -> list[int]:
 
 def test_killing_one_rank_fails_the_stage_cleanly(tmp_path):
     repo = make_repo(tmp_path / "repo", merge(json.loads(json.dumps(MICRO)), {
-        "train": {"epochs": 500}, "distributed": {"nproc": {"train": 2}, "timeout_s": 60}}))
+        "train": {"epochs": 30}, "distributed": {"nproc": {"train": 2}, "timeout_s": 60}}))
     env = env_for(repo)
     proc = subprocess.Popen(["dvc", "repro", "train@model1"], cwd=repo, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -219,6 +220,13 @@ def test_killing_one_rank_fails_the_stage_cleanly(tmp_path):
     assert not _still_alive(tree), "every process of the stage is gone"
     assert status["train@model1"] in ("KILLED", "FAILED"), status
     assert "RUNNING" not in status.values(), status
+
+    # the same stage again: both ranks resume from rank 0's checkpoint and finish
+    assert (repo / "checkpoints/model1.pt").exists()
+    again = run(repo, "dvc", "repro", "train@model1", env=env)
+    assert "train: resumed from checkpoints/model1.pt after epoch" in again.stdout + again.stderr
+    assert "(all 2 processes)" in again.stdout + again.stderr
+    assert (repo / "models/model1.pt").exists() and not (repo / "checkpoints/model1.pt").exists()
 
 
 if __name__ == "__main__":  # pragma: no cover
