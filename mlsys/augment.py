@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .attacks import eval_mode, full_area, input_grad, pgd
 from .data import create_dataset, file_md5, image_size, iter_chunks, split_of
-from .distributed import ChunkStore, Group, Shard, run_chunks
+from .distributed import ChunkStore, Group, Shard, run_chunks, source_digest
 from .params import Method1Params, Method2Params
 
 
@@ -119,7 +119,7 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
 
     Every finished chunk is kept in ``.<out name>.partial/`` beside ``out`` under a
     fingerprint of the inputs (clean data md5, model weights, settings, device type,
-    ops backend): a killed run resumes from its last finished chunk, shards computed
+    ops backend, source of the code that computes them): a killed run resumes from its last finished chunk, shards computed
     elsewhere are merged, and the dataset is the same bytes as one uninterrupted
     process writes. The folder is removed once ``out`` is complete."""
     mcfg: Method1Params | Method2Params = getattr(cfg, method)
@@ -132,7 +132,8 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     store = ChunkStore(out.with_name(f".{out.name}.partial"), {
         "method": method, "settings": asdict(mcfg), "n": n, "classes": C, "seed": cfg.seed,
         "clean_md5": file_md5(clean), "model": _model_digest(model), "device": device.type,
-        "ops": ops.backend() if method == "method2" else None}) if main else None
+        "ops": ops.backend() if method == "method2" else None,
+        "code": source_digest("augment", "attacks", "ops", "model")}) if main else None
     before = store.done() if store else set()
 
     def compute(batch) -> dict[str, np.ndarray]:

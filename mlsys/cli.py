@@ -219,7 +219,7 @@ def _evaluate(args, p, group) -> None:
     import torch
 
     from . import data, figures, tracking
-    from .distributed import ChunkStore, Shard
+    from .distributed import ChunkStore, Shard, source_digest
     from .evaluate import evaluate_split, predict
     from .params import section_dict
     from .train import load_weights, pick_device
@@ -237,7 +237,8 @@ def _evaluate(args, p, group) -> None:
         out = Path(PATHS["eval_metrics"].format(name))
         store = ChunkStore(out.with_name(f".{out.name}.partial"), {  # finished chunks: resume and merge
             "weights_md5": data.file_md5(PATHS["weights"].format(name)), "clean_md5": data.file_md5(PATHS["clean"]),
-            "evaluate": section_dict(cfg), "device": device.type}) if group is None or group.main else None
+            "evaluate": section_dict(cfg), "device": device.type,
+            "code": source_digest("evaluate", "attacks", "model")}) if group is None or group.main else None
         if main:
             tracking.log_dataset(PATHS["clean"], "evaluation")
         done = evaluate_split(model, PATHS["clean"], "test", cfg, device, store, shard, group,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -132,6 +133,15 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+def source_digest(*modules: str) -> str:
+    """sha256 of mlsys modules' source files (e.g. "augment", "attacks"): part of a chunk
+    fingerprint, so chunks computed by other code are never merged with new ones."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return h.hexdigest()
 
 
 class ChunkStore:
