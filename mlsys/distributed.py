@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -193,14 +194,15 @@ class ChunkStore:
 
 
 def run_chunks(chunks: Iterable[tuple[int, object]], compute: Callable[[object], dict[str, np.ndarray]],
-               store: ChunkStore, shard: Shard, group: Group | None,
+               store: ChunkStore | None, shard: Shard, group: Group | None,
                on_done: Callable[[int], None] | None = None) -> None:
     """Compute the chunks of ``shard`` that ``store`` lacks and save them there.
 
-    ``chunks`` yields (chunk number, input) in chunk order on every rank. Under torchrun
-    (``group``), the missing chunks are dealt round-robin to the ranks; each round's
-    results go to rank 0, which saves them (no shared file system needed).
-    ``on_done(n_images or chunk)`` is called on rank 0 for progress."""
+    ``chunks`` yields (chunk number, input) in chunk order, the same on every rank.
+    Under torchrun (``group``; ``store`` on rank 0 only) the missing chunks are dealt
+    round-robin to the ranks and each round's results are gathered to rank 0, which
+    saves them: no shared file system is needed. ``on_done(chunk number)`` is called
+    where a chunk is saved (progress)."""
     done = broadcast(store.done() if group is None or group.main else None, group)
     todo = ((j, x) for j, x in chunks if shard.owns(j) and j not in done)
     if group is None:
@@ -209,30 +211,12 @@ def run_chunks(chunks: Iterable[tuple[int, object]], compute: Callable[[object],
             if on_done:
                 on_done(j)
         return
-    while True:
-        mine = None
-        for turn, item in enumerate(_take(todo, group.world)):
-            if turn == group.rank:
-                mine = item
+    while items := list(itertools.islice(todo, group.world)):  # every rank draws the same round
+        mine = items[group.rank] if group.rank < len(items) else None
         rows = [None] * group.world if group.main else None
-        result = None if mine is None else (mine[0], compute(mine[1]))
-        dist.gather_object(result, rows, dst=0)
-        got = broadcast(None if not group.main else any(r is not None for r in rows), group)
-        if group.main:
-            for row in rows:
-                if row is not None:
-                    store.save(*row)
-                    if on_done:
-                        on_done(row[0])
-        if not got:
-            return
-
-
-def _take(it: Iterator, n: int) -> list:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
+        dist.gather_object(None if mine is None else (mine[0], compute(mine[1])), rows, dst=0)
+        for row in rows or ():
+            if row is not None:
+                store.save(*row)
+                if on_done:
+                    on_done(row[0])
