@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import ops
 from .attacks import eval_mode, full_area, input_grad, pgd
 from .data import create_dataset, file_md5, image_size, iter_chunks, split_of
-from .distributed import ChunkStore, Group, Shard, run_chunks, source_digest
+from .distributed import ChunkStore, Group, Shard, chunk_sizes, is_main, run_chunks, source_digest
 from .params import Method1Params, Method2Params
 
 
@@ -128,13 +127,12 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     C = model.head.out_channels
     model.to(device)
     out = Path(out)
-    main = group is None or group.main
+    main = is_main(group)
     store = ChunkStore(out.with_name(f".{out.name}.partial"), {
         "method": method, "settings": asdict(mcfg), "n": n, "classes": C, "seed": cfg.seed,
         "clean_md5": file_md5(clean), "model": _model_digest(model), "device": device.type,
         "ops": ops.backend() if method == "method2" else None,
         "code": source_digest("augment", "attacks", "ops", "model")}) if main else None
-    before = store.done() if store else set()
 
     def compute(batch) -> dict[str, np.ndarray]:
         j, images, masks = batch
@@ -148,10 +146,8 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
 
     bs = mcfg.batch_size
     chunks = ((j, (j, images, masks)) for j, (_, images, masks, _) in enumerate(iter_chunks(clean, "train", bs)))
-    with tqdm(total=n, desc=method if shard.count == 1 else f"{method} shard {shard}", unit="img",
-              disable=not (progress and main)) as bar:
-        bar.update(sum(min(bs, n - j * bs) for j in before if shard.owns(j)))
-        run_chunks(chunks, compute, store, shard, group, lambda j: bar.update(min(bs, n - j * bs)))
+    sizes = chunk_sizes(n, bs)
+    before = run_chunks(chunks, compute, store, shard, group, sizes, method, progress)
     if shard.count > 1 or not main:
         return None
 
@@ -163,16 +159,17 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     linf, l2 = [], []
     splits = {"train": np.arange(n), "valid": np.arange(0), "test": np.arange(0)}
     with create_dataset(out, n, image_size(clean), attrs, splits, extra) as w:
-        for j, (idx, images, masks, tissue) in enumerate(iter_chunks(clean, "train", bs)):
-            result = store.load(j)
-            if result is None or len(result["images"]) != len(idx):
-                raise RuntimeError(f"{method}: chunk {j} vanished from {store.folder} while merging")
+        for j, ((idx, images, masks, tissue), result) in enumerate(
+                zip(iter_chunks(clean, "train", bs), store.merged(len(sizes)))):
+            if len(result["images"]) != len(idx):
+                raise RuntimeError(f"{method}: chunk {j} in {store.folder} holds {len(result['images'])} "
+                                   f"images, not {len(idx)}")
             w.write(j * bs, masks=masks.to(torch.uint8), tissue=tissue, **result)
             d = (torch.from_numpy(result["images"]) - images).flatten(1)
             linf += d.abs().amax(1).tolist()
             l2 += d.norm(dim=1).tolist()
     store.remove()
-    resumed = sum(min(bs, n - j * bs) for j in before)
+    resumed = sum(sizes[j] for j in before)
     if resumed:
         print(f"{method}: resumed {resumed} of {n} images from {store.folder} (an interrupted run's or shards')")
     return {"n_images": float(n), "mean_linf": float(np.mean(linf)), "mean_l2": float(np.mean(l2))}

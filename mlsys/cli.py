@@ -80,16 +80,19 @@ def _onehot_logits(masks):
     return torch.nn.functional.one_hot(masks, 6).permute(0, 3, 1, 2).float()
 
 
-def cmd_train(args, p) -> None:
+def _in_processes(args, p, nproc: int, device: str, work) -> None:
+    """Run ``work(args, p, group)`` in this process, or, for ``nproc`` > 1, in each of the
+    ``nproc`` processes of a torchrun job started in its place (mlsys.distributed)."""
     from . import distributed
     from .train import pick_device
 
-    distributed.launch(p.distributed.nproc.train, args.argv)  # > 1: this process becomes torchrun
-    with distributed.process_group(pick_device(p.train.device), p.distributed.timeout_s) as group:
-        if group is None or group.main:  # rank 0 alone logs, checkpoints and writes outputs
-            _train(args, p, group)
-        else:
-            _train_rank(args, p, group)
+    distributed.launch(nproc, args.argv)  # > 1: this process becomes torchrun
+    with distributed.process_group(pick_device(device), p.distributed.timeout_s) as group:
+        work(args, p, group)
+
+
+def cmd_train(args, p) -> None:
+    _in_processes(args, p, p.distributed.nproc.train, p.train.device, _train)
 
 
 def _training_data(name: str):
@@ -122,10 +125,14 @@ def _train(args, p, group) -> None:
     import torch
 
     from . import data, figures, tracking
+    from .distributed import is_main
     from .evaluate import predict
     from .model import build_model
     from .params import section_dict
     from .train import MODELS, epochs_for, save_weights, train_model
+
+    if not is_main(group):  # rank 0 alone logs, checkpoints and writes outputs
+        return _train_rank(args, p, group)
 
     name = args.model
     sets = MODELS[name]
@@ -204,12 +211,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 
 def cmd_evaluate(args, p) -> None:
-    from . import distributed
-    from .train import pick_device
-
-    distributed.launch(p.distributed.nproc.evaluate, args.argv)
-    with distributed.process_group(pick_device(p.train.device), p.distributed.timeout_s) as group:
-        _evaluate(args, p, group)
+    _in_processes(args, p, p.distributed.nproc.evaluate, p.train.device, _evaluate)
 
 
 def _evaluate(args, p, group) -> None:
@@ -219,14 +221,14 @@ def _evaluate(args, p, group) -> None:
     import torch
 
     from . import data, figures, tracking
-    from .distributed import ChunkStore, Shard, source_digest
+    from .distributed import ChunkStore, Shard, is_main, source_digest
     from .evaluate import evaluate_split, predict
     from .params import section_dict
     from .train import load_weights, pick_device
 
     name, cfg, acfg = args.model, p.evaluate, p.evaluate.attack
     shard = Shard.parse(args.shard) if args.shard else Shard()
-    main = (group is None or group.main) and shard.count == 1  # the process that logs and writes
+    main = is_main(group) and shard.count == 1  # the process that logs and writes
     params = {f"evaluate.{k}": v for k, v in section_dict(cfg).items()}
     run = tracking.stage_run(f"evaluate@{name}", params, p.tracking.experiment,
                              {"mlsys.stage": "evaluate", "mlsys.model": name, "mlsys.method": _method_tag(name),
@@ -238,11 +240,10 @@ def _evaluate(args, p, group) -> None:
         store = ChunkStore(out.with_name(f".{out.name}.partial"), {  # finished chunks: resume and merge
             "weights_md5": data.file_md5(PATHS["weights"].format(name)), "clean_md5": data.file_md5(PATHS["clean"]),
             "evaluate": section_dict(cfg), "device": device.type,
-            "code": source_digest("evaluate", "attacks", "model")}) if group is None or group.main else None
+            "code": source_digest("evaluate", "attacks", "model")}) if is_main(group) else None
         if main:
             tracking.log_dataset(PATHS["clean"], "evaluation")
-        done = evaluate_split(model, PATHS["clean"], "test", cfg, device, store, shard, group,
-                              _progress() and (group is None or group.main))
+        done = evaluate_split(model, PATHS["clean"], "test", cfg, device, store, shard, group, _progress())
         if done is None:  # a shard: its chunks are in the store for the merging run
             if shard.count > 1:
                 print(f"evaluate@{name} shard {shard}: chunks in {store.folder}; run without --shard to merge")
@@ -269,12 +270,7 @@ def _evaluate(args, p, group) -> None:
 
 
 def cmd_augment(args, p) -> None:
-    from . import distributed
-    from .train import pick_device
-
-    distributed.launch(p.distributed.nproc.augment, args.argv)
-    with distributed.process_group(pick_device(p.augment.device), p.distributed.timeout_s) as group:
-        _augment(args, p, group)
+    _in_processes(args, p, p.distributed.nproc.augment, p.augment.device, _augment)
 
 
 def _augment(args, p, group) -> None:
@@ -285,13 +281,13 @@ def _augment(args, p, group) -> None:
 
     from . import data, figures, ops, tracking
     from .augment import build_set
-    from .distributed import Shard
+    from .distributed import Shard, is_main
     from .params import section_dict
     from .train import load_weights, pick_device
 
     method = args.method
     shard = Shard.parse(args.shard) if args.shard else Shard()
-    main = (group is None or group.main) and shard.count == 1  # the process that logs and writes
+    main = is_main(group) and shard.count == 1  # the process that logs and writes
     mcfg = getattr(p.augment, method)
     params = {f"augment.{method}.{k}": v for k, v in section_dict(mcfg).items()}
     params["augment.seed"] = p.augment.seed
@@ -307,8 +303,8 @@ def _augment(args, p, group) -> None:
         out = PATHS["set"].format(method)
         provenance = {"producing_model": weights, "producing_model_md5": data.file_md5(weights),
                       "ops_backend": ops.backend()}
-        stats = build_set(method, model, PATHS["clean"], out, p.augment, device, provenance,
-                          _progress() and (group is None or group.main), shard, group)
+        stats = build_set(method, model, PATHS["clean"], out, p.augment, device, provenance, _progress(),
+                          shard, group)
         if stats is None:
             if shard.count > 1:
                 print(f"augment@{method} shard {shard}: chunks in .{Path(out).name}.partial; "

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from .data import atomic_path
 
@@ -69,6 +70,11 @@ class Group:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def is_main(group: Group | None) -> bool:
+    """Whether this process is rank 0 of ``group`` (or the only process)."""
+    return group is None or group.main
 
 
 @contextlib.contextmanager
@@ -189,34 +195,51 @@ class ChunkStore:
     def done(self) -> set[int]:
         return {int(p.stem) for p in self.folder.glob("[0-9]*.npz")}
 
+    def merged(self, count: int) -> Iterator[dict[str, np.ndarray]]:
+        """Chunks 0 .. count - 1 in order; every one must be done."""
+        for j in range(count):
+            part = self.load(j)
+            if part is None:
+                raise RuntimeError(f"chunk {j} vanished from {self.folder} while merging")
+            yield part
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def chunk_sizes(n: int, size: int) -> list[int]:
+    """Images in each chunk when ``n`` images are cut into chunks of ``size``."""
+    return [min(size, n - start) for start in range(0, n, size)]
+
+
 def run_chunks(chunks: Iterable[tuple[int, object]], compute: Callable[[object], dict[str, np.ndarray]],
-               store: ChunkStore | None, shard: Shard, group: Group | None,
-               on_done: Callable[[int], None] | None = None) -> None:
-    """Compute the chunks of ``shard`` that ``store`` lacks and save them there.
+               store: ChunkStore | None, shard: Shard, group: Group | None, sizes: list[int],
+               desc: str, progress: bool = True) -> set[int]:
+    """Compute the chunks of ``shard`` that ``store`` lacks and save them there; returns
+    the chunks that were done before (rank 0; empty elsewhere).
 
     ``chunks`` yields (chunk number, input) in chunk order, the same on every rank.
     Under torchrun (``group``; ``store`` on rank 0 only) the missing chunks are dealt
     round-robin to the ranks and each round's results are gathered to rank 0, which
-    saves them: no shared file system is needed. ``on_done(chunk number)`` is called
-    where a chunk is saved (progress)."""
-    done = broadcast(store.done() if group is None or group.main else None, group)
+    saves them: no shared file system is needed. Rank 0 shows a progress bar in images
+    (``sizes``: images per chunk)."""
+    main = is_main(group)
+    done = broadcast(store.done() if main else None, group)
     todo = ((j, x) for j, x in chunks if shard.owns(j) and j not in done)
-    if group is None:
-        for j, x in todo:
-            store.save(j, compute(x))
-            if on_done:
-                on_done(j)
-        return
-    while items := list(itertools.islice(todo, group.world)):  # every rank draws the same round
-        mine = items[group.rank] if group.rank < len(items) else None
-        rows = [None] * group.world if group.main else None
-        dist.gather_object(None if mine is None else (mine[0], compute(mine[1])), rows, dst=0)
-        for row in rows or ():
-            if row is not None:
-                store.save(*row)
-                if on_done:
-                    on_done(row[0])
+    with tqdm(total=sum(sizes[j] for j in range(len(sizes)) if shard.owns(j)), unit="img",
+              desc=desc if shard.count == 1 else f"{desc} shard {shard}", disable=not (progress and main)) as bar:
+        bar.update(sum(sizes[j] for j in done if shard.owns(j)))
+        if group is None:
+            for j, x in todo:
+                store.save(j, compute(x))
+                bar.update(sizes[j])
+            return done
+        while items := list(itertools.islice(todo, group.world)):  # every rank draws the same round
+            mine = items[group.rank] if group.rank < len(items) else None
+            rows = [None] * group.world if main else None
+            dist.gather_object(None if mine is None else (mine[0], compute(mine[1])), rows, dst=0)
+            for row in rows or ():
+                if row is not None:
+                    store.save(*row)
+                    bar.update(sizes[row[0]])
+    return done if main else set()

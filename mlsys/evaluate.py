@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .params import CLASS_NAMES
 
@@ -143,12 +142,11 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
     mask, logits), or None where this process only computed its chunks."""
     from .attacks import attack_from_params
     from .data import iter_chunks, split_of
-    from .distributed import Shard, run_chunks
+    from .distributed import Shard, chunk_sizes, is_main, run_chunks
 
     shard = shard or Shard()
     acfg, C, thr = cfg.attack, model.head.out_channels, cfg.paper_threshold
-    n, bs = len(split_of(path, split)), cfg.attack.batch_size
-    main = group is None or group.main
+    sizes = chunk_sizes(len(split_of(path, split)), cfg.attack.batch_size)
 
     def compute(batch) -> dict[str, np.ndarray]:
         j, images, masks = batch
@@ -168,18 +166,12 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
                        panel_masks=masks[:k].cpu().numpy(), panel_logits=logits[:k].float().cpu().numpy())
         return out
 
-    chunks = ((j, (j, x, y)) for j, (_, x, y, _) in enumerate(iter_chunks(path, split, bs)))
-    before = store.done() if store is not None else set()
-    with tqdm(total=n, desc="evaluate", unit="img", disable=not (progress and main)) as bar:
-        bar.update(sum(min(bs, n - j * bs) for j in before if shard.owns(j)))
-        run_chunks(chunks, compute, store, shard, group, lambda j: bar.update(min(bs, n - j * bs)))
-    if shard.count > 1 or not main:
+    chunks = ((j, (j, x, y)) for j, (_, x, y, _) in enumerate(iter_chunks(path, split, cfg.attack.batch_size)))
+    run_chunks(chunks, compute, store, shard, group, sizes, "evaluate", progress)
+    if shard.count > 1 or not is_main(group):
         return None
     clean, attacked = SegMetrics(C, thr), SegMetrics(C, thr)
-    for j in range((n + bs - 1) // bs):
-        part = store.load(j)
-        if part is None:
-            raise RuntimeError(f"evaluate: chunk {j} vanished from {store.folder} while merging")
+    for j, part in enumerate(store.merged(len(sizes))):
         clean.merge(SegMetrics.from_state(part["clean"], C, thr))
         attacked.merge(SegMetrics.from_state(part["attack"], C, thr))
         if j == 0:
