@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -30,19 +31,21 @@ def native_extensions() -> tuple[list, dict]:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    # -fno-trapping-math lets GCC vectorise the branch-free exp/log of ops_cpu.cpp; torch adds -std
-    cxx = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    sys.path.insert(0, ROOT)
+    from mlsys._build import CUDA_DEFINE, CXX_FLAGS, LD_FLAGS, NVCC_FLAGS, digest_define
+
+    stamp = digest_define(os.path.join(ROOT, "csrc"))  # checked at load: a stale build is refused
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None \
         and os.environ.get("MLSYS_NO_CUDA") != "1"
     if with_cuda:
         ext = CUDAExtension("mlsys._C", cpp + cu,
-                            extra_compile_args={"cxx": cxx + ["-DMLSYS_WITH_CUDA"],
-                                                "nvcc": ["-O3", "-DMLSYS_WITH_CUDA"]},
-                            extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": CXX_FLAGS + [CUDA_DEFINE, stamp],
+                                                "nvcc": NVCC_FLAGS + [CUDA_DEFINE, stamp]},
+                            extra_link_args=LD_FLAGS)
     else:
-        ext = CppExtension("mlsys._C", cpp, extra_compile_args={"cxx": cxx},
-                           extra_link_args=["-fopenmp"])
+        ext = CppExtension("mlsys._C", cpp, extra_compile_args={"cxx": CXX_FLAGS + [stamp]},
+                           extra_link_args=LD_FLAGS)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

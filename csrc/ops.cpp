@@ -156,4 +156,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_kernels") = false;
 #endif
+#ifndef MLSYS_CSRC_DIGEST
+#define MLSYS_CSRC_DIGEST "unknown"
+#endif
+  // sha256 prefix of csrc/ at build time (mlsys/_build.py); mlsys.ops refuses a stale build
+  m.attr("csrc_digest") = MLSYS_CSRC_DIGEST;
 }

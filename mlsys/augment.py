@@ -118,7 +118,7 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
 
     Every finished chunk is kept in ``.<out name>.partial/`` beside ``out`` under a
     fingerprint of the inputs (clean data md5, model weights, settings, device type,
-    ops backend, source of the code that computes them): a killed run resumes from its last finished chunk, shards computed
+    ops backend and kernel digest, source of the code that computes them): a killed run resumes from its last finished chunk, shards computed
     elsewhere are merged, and the dataset is the same bytes as one uninterrupted
     process writes. The folder is removed once ``out`` is complete."""
     mcfg: Method1Params | Method2Params = getattr(cfg, method)
@@ -129,14 +129,14 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     out = Path(out)
     main = is_main(group)
     store = ChunkStore(out.with_name(f".{out.name}.partial"), {
-        "method": method, "settings": asdict(mcfg), "n": n, "classes": C, "seed": cfg.seed,
+        "method": method, "settings": asdict(mcfg), "n": n, "classes": C,
         "clean_md5": file_md5(clean), "model": _model_digest(model), "device": device.type,
-        "ops": ops.backend() if method == "method2" else None,
+        "ops": ops.build_id() if method == "method2" else None,  # backend and csrc/ digest of the kernels
         "code": source_digest("augment", "attacks", "ops", "model")}) if main else None
 
     def compute(batch) -> dict[str, np.ndarray]:
         j, images, masks = batch
-        torch.manual_seed(cfg.seed * 1_000_003 + j)  # standard PGD's random start: per chunk, any shard
+        torch.manual_seed(j)  # any random draw: per chunk, the same on any shard
         x, y = images.to(device), masks.to(device)
         if method == "method1":
             return {"images": method_one(model, x, mcfg).cpu().numpy()}
@@ -154,7 +154,7 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     extra = {"signs": ((C,), np.int8), "score": ((), np.float32), "index": ((), np.int64)} \
         if method == "method2" else None
     attrs = {**provenance, "kind": method, "source": f"{method} of {os.fspath(clean)}",
-             "settings": asdict(mcfg), "class_order": list(range(C)), "seed": cfg.seed,
+             "settings": asdict(mcfg), "class_order": list(range(C)),
              "mode": getattr(mcfg, "mode", "signed-combination search")}
     linf, l2 = [], []
     splits = {"train": np.arange(n), "valid": np.arange(0), "test": np.arange(0)}
@@ -173,3 +173,64 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     if resumed:
         print(f"{method}: resumed {resumed} of {n} images from {store.folder} (an interrupted run's or shards')")
     return {"n_images": float(n), "mean_linf": float(np.mean(linf)), "mean_l2": float(np.mean(l2))}
+
+
+# --------------------------------------------------------------------------- the augment stage
+def main(p, method: str, seed: int, argv: list[str], shard_spec: str | None = None) -> None:
+    """DVC stage ``augment-<method>@<seed>``: ``data/seed<seed>/<method>.h5``, the training
+    split perturbed with seed ``seed``'s model 1, its summary in ``metrics/augment/...`` and one
+    MLflow run. ``shard_spec`` "i/n" computes one shard's chunks only; torchrun ranks
+    (``distributed.nproc.augment``) share them; either way the merged file is the same bytes."""
+    from .distributed import in_processes
+    from .train import pick_device
+
+    in_processes(p.distributed.nproc.augment, argv, pick_device(p.augment.device), p.distributed.timeout_s,
+                 lambda group: _augment_stage(p, method, seed, shard_spec, group))
+
+
+def _augment_stage(p, method: str, seed: int, shard_spec: str | None, group) -> None:
+    import contextlib
+
+    import mlflow
+
+    from . import figures, paths, tracking
+    from .data import head, require, write_json
+    from .evaluate import predict
+    from .params import section_dict, show_progress
+    from .train import load_weights, pick_device
+
+    shard = Shard.parse(shard_spec) if shard_spec else Shard()
+    main = is_main(group) and shard.count == 1  # the process that logs and writes
+    mcfg = getattr(p.augment, method)
+    weights, out, stage = paths.weights("model1", seed), paths.dataset(method, seed), \
+        paths.stage_name("augment", method, seed)
+    require(paths.CLEAN, "prepare")
+    require(weights, paths.stage_name("train", "model1", seed))
+    if method == "method2":
+        ops.require_current()
+    params = {f"augment.{method}.{k}": v for k, v in section_dict(mcfg).items()}
+    run = tracking.stage_run(stage, params, p.tracking.experiment,
+                             {"mlsys.stage": "augment", "mlsys.method": method, "mlsys.seed": str(seed),
+                              "mlsys.ops_backend": ops.build_id()}) if main else contextlib.nullcontext()
+    with run:
+        device = group.device if group else pick_device(p.augment.device)
+        model = load_weights(weights, p.model).to(device).eval()
+        if main:
+            tracking.log_dataset(paths.CLEAN, "source")
+        provenance = {"producing_model": weights, "producing_model_md5": file_md5(weights),
+                      "seed": seed, "ops_backend": ops.build_id()}
+        stats = build_set(method, model, paths.CLEAN, out, p.augment, device, provenance, show_progress(),
+                          shard, group)
+        if stats is None:
+            if shard.count > 1:
+                print(f"{stage} shard {shard}: chunks in .{Path(out).name}.partial; run without --shard to merge")
+            return
+        mlflow.log_metrics(stats)
+        write_json(paths.augment_metrics(method, seed), stats)
+        tracking.log_dataset(out, "output")
+        clean, _ = head(paths.CLEAN, "train", 4)
+        pert, masks = head(out, "train", 4)
+        logits = predict(model.cpu(), pert, len(pert), torch.device("cpu"))
+        mlflow.log_figure(figures.perturbation_panel(clean, pert, masks, logits, f"{method} training set (seed {seed})"),
+                          "figures/perturbation_panel.png")
+        print(f"{stage}: {out} ({int(stats['n_images'])} images, mean L-inf {stats['mean_linf']:.4f})")

@@ -38,14 +38,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .params import CLASS_NAMES, DataParams
+from .params import CLASS_NAMES, DataParams, InputError
 
 N_CLASSES = len(CLASS_NAMES)
 SPLITS = ("train", "valid", "test")
 OVERLAP_RULE = "lowest channel wins: a pixel set in two class channels takes the first (0..4)"
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Input data is missing or malformed; the message names the file and the problem."""
 
 
@@ -80,8 +80,10 @@ def split_indices(n: int, ratios: list[int], seed: int = 42) -> dict[str, np.nda
     total = sum(ratios)
     n_train, n_valid = n * ratios[0] // total, n * ratios[1] // total
     if min(n_train, n_valid, n - n_train - n_valid) < 1:
-        raise DataError(f"{n} images cannot be split {ratios[0]}:{ratios[1]}:{ratios[2]} "
-                        "with at least one image per split")
+        need = next(m for m in range(3, 3 * total + 3) if min(m * ratios[0] // total, m * ratios[1] // total,
+                                                               m - m * ratios[0] // total - m * ratios[1] // total) >= 1)
+        raise DataError(f"params: data.split = {list(ratios)} needs at least {need} images for one image per "
+                        f"split; the data hold {n}")
     order = np.random.RandomState(seed).permutation(n)
     parts = np.split(order, [n_train, n_train + n_valid])
     return {name: np.sort(p).astype(np.int64) for name, p in zip(SPLITS, parts)}
@@ -195,6 +197,28 @@ def file_md5(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- outputs
+def write_json(path: str | os.PathLike, obj) -> None:
+    """A metrics file (DVC metrics, read by `dvc metrics/exp show`), written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """A plot file (DVC plots) of ``rows`` with the keys of the first row, written atomically."""
+    keys = list(rows[0])
+    with atomic_path(path) as tmp:
+        tmp.write_text(",".join(keys) + "\n" + "".join(
+            ",".join(f"{r[k]:.6g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + "\n" for r in rows))
+
+
+def require(path: str | os.PathLike, made_by: str) -> None:
+    """An input of a stage must exist: else one line naming it and the stage that makes it."""
+    if not Path(path).exists():
+        raise DataError(f"{path} does not exist; it is made by the {made_by} stage "
+                        f"(run `dvc repro {made_by}` or the whole `dvc repro`)")
+
+
 # --------------------------------------------------------------------------- HDF5
 def _pid_alive(pid: int) -> bool:
     try:
@@ -274,6 +298,10 @@ class H5Writer:
         for name, (shape, dtype) in (extra or {}).items():
             f.create_dataset(name, (n,) + tuple(shape), dtype)
 
+    def write_splits(self, splits: dict[str, np.ndarray]) -> None:
+        for name, idx in splits.items():
+            self.f.create_dataset(f"split/{name}", data=np.asarray(idx, dtype=np.int64))
+
     def write(self, start: int, **arrays) -> None:
         for name, value in arrays.items():
             if isinstance(value, torch.Tensor):
@@ -283,16 +311,18 @@ class H5Writer:
 
 @contextlib.contextmanager
 def create_dataset(path: str | os.PathLike, n: int, size: int, attrs: dict,
-                   splits: dict[str, np.ndarray], extra: dict[str, tuple] | None = None):
-    """Open a new dataset file for writing; it appears at ``path`` only on success."""
+                   splits: dict[str, np.ndarray] | None, extra: dict[str, tuple] | None = None):
+    """Open a new dataset file for writing; it appears at ``path`` only on success.
+    ``splits`` None: the caller writes them later (``H5Writer.write_splits``)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for name, idx in splits.items():
-            f.create_dataset(f"split/{name}", data=np.asarray(idx, dtype=np.int64))
+        w = H5Writer(f, n, size, extra)
+        if splits is not None:
+            w.write_splits(splits)
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.attrs["class_names"] = json.dumps(CLASS_NAMES)
         f.attrs["overlap_rule"] = OVERLAP_RULE
-        yield H5Writer(f, n, size, extra)
+        yield w
 
 
 def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.ndarray],
@@ -300,11 +330,11 @@ def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.nd
                image_size: int, where: str, progress: bool = True) -> dict[str, int]:
     """Convert raw PanNuke-layout chunks to the HDF5 dataset at ``out``."""
     n = len(types)
-    splits = split_indices(n, cfg.split, cfg.split_seed)
     attrs = {"source": source, "normalise": cfg.normalise, "split_seed": cfg.split_seed,
              "split_ratio": cfg.split, "n_images": n, "kind": "clean"}
     counts = np.zeros(N_CLASSES, np.int64)
-    with create_dataset(out, n, image_size, attrs, splits) as w, \
+    # the split is cut after every value is checked, so a damaged file is reported as such
+    with create_dataset(out, n, image_size, attrs, None) as w, \
             tqdm(total=n, desc="prepare", unit="img", disable=not progress) as bar:
         w.write(0, tissue=np.asarray(types).astype(str).astype(object))
         start = 0
@@ -317,6 +347,8 @@ def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.nd
             bar.update(len(images))
         if start != n:
             raise DataError(f"{where}: {start} images and masks but {n} tissue types")
+        splits = split_indices(n, cfg.split, cfg.split_seed)
+        w.write_splits(splits)
         w.f.attrs["class_pixel_counts"] = json.dumps(counts.tolist())
     return {name: len(idx) for name, idx in splits.items()}
 
@@ -458,3 +490,29 @@ def iter_chunks(path: str | os.PathLike, split: str, chunk: int
                 raise DataError(f"dataset {path} is corrupt ({err})") from None
             _check_values(images, masks, path)
             yield part, torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64)), tissue
+
+
+# --------------------------------------------------------------------------- the prepare stage
+def main(p) -> None:
+    """DVC stage ``prepare``: ``data/clean.h5`` from the synthetic default or your PanNuke
+    fold (``data`` params), logged as one MLflow run with the class balance and samples."""
+    import mlflow
+
+    from . import figures, paths, tracking
+    from .params import section_dict, show_progress
+
+    out = paths.CLEAN
+    with tracking.stage_run(paths.stage_name("prepare"), {f"data.{k}": v for k, v in section_dict(p.data).items()},
+                            p.tracking.experiment, {"mlsys.stage": "prepare"}):
+        sizes = prepare(p.data, out, show_progress())
+        attrs = read_attrs(out)
+        counts = np.array(json.loads(attrs["class_pixel_counts"]), dtype=float)
+        mlflow.log_metrics({f"split/{k}": v for k, v in sizes.items()})
+        mlflow.log_metrics({f"class_fraction/{n}": c / counts.sum() for n, c in zip(CLASS_NAMES, counts)})
+        tracking.log_dataset(out, "output")
+        images, masks = head(out, "train", 4)
+        onehot = torch.nn.functional.one_hot(masks, N_CLASSES).permute(0, 3, 1, 2).float()
+        mlflow.log_figure(figures.perturbation_panel(images, images, masks, onehot, "training samples (image, mask)"),
+                          "figures/samples.png")
+        print(f"prepare: {out} ({sizes['train']}/{sizes['valid']}/{sizes['test']} train/valid/test, "
+              f"source {attrs['source']})")

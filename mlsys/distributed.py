@@ -159,19 +159,16 @@ class ChunkStore:
 
     def __init__(self, folder: str | os.PathLike, fingerprint: dict) -> None:
         self.folder = Path(folder)
-        text = json.dumps(fingerprint, sort_keys=True, default=str)
-        stamp = self.folder / "fingerprint.json"
+        self._text = json.dumps(fingerprint, sort_keys=True, default=str)
+        self._stamp = self.folder / "fingerprint.json"
         if self.folder.exists():
             try:
-                same = stamp.read_text() == text
+                same = self._stamp.read_text() == self._text
             except OSError:
                 same = False
             if not same:
                 shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not stamp.exists():
-            with atomic_path(stamp) as tmp:
-                tmp.write_text(text)
+        # the folder is made with the first finished chunk: a stage refused before that leaves nothing
 
     def path(self, chunk: int) -> Path:
         return self.folder / f"{chunk:06d}.npz"
@@ -189,6 +186,10 @@ class ChunkStore:
             return None
 
     def save(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        if not self._stamp.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self._stamp) as tmp:
+                tmp.write_text(self._text)
         with atomic_path(self.path(chunk)) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -243,3 +244,13 @@ def run_chunks(chunks: Iterable[tuple[int, object]], compute: Callable[[object],
                     store.save(*row)
                     bar.update(sizes[row[0]])
     return done if main else set()
+
+
+def in_processes(nproc: int, argv: list[str], device: torch.device, timeout_s: float,
+                 work: Callable[["Group | None"], None]) -> None:
+    """Run ``work(group)`` in this process, or, for ``nproc`` > 1, in each of the ``nproc``
+    processes of a torchrun job that replaces this one (``argv``: this command's arguments,
+    re-run under torchrun); ``group`` is None in a single process."""
+    launch(nproc, argv)
+    with process_group(device, timeout_s) as group:
+        work(group)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attacks import eval_mode
 from .params import CLASS_NAMES
 
 
@@ -104,12 +105,9 @@ class SegMetrics:
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """Logits (N, C, H, W) on the CPU for images (N, 3, H, W) in [0, 1], in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = [model(images[i:i + batch_size].to(device)).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out)
+    with eval_mode(model):
+        return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
@@ -117,13 +115,11 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, 
              device: torch.device, threshold: float = 0.1, group=None) -> dict[str, float]:
     """Metrics of ``model`` on images (N, 3, H, W) in [0, 1] with masks (N, H, W).
     Under torchrun (``group``) each rank passes its share; the counts are summed."""
-    was_training = model.training
-    model.eval()
     C = model.head.out_channels
     m = SegMetrics(n_classes=C, threshold=threshold)
-    for i in range(0, len(images), batch_size):
-        m.update(model(images[i:i + batch_size].to(device)), masks[i:i + batch_size])
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(images), batch_size):
+            m.update(model(images[i:i + batch_size].to(device)), masks[i:i + batch_size])
     if group is not None:
         from .distributed import all_sum
 
@@ -178,3 +174,74 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
             panel = tuple(torch.from_numpy(part[k]) for k in ("panel_images", "panel_adv", "panel_masks",
                                                                 "panel_logits"))
     return clean, attacked, panel
+
+
+# --------------------------------------------------------------------------- the evaluate stage
+def main(p, name: str, seed: int, argv: list[str], shard_spec: str | None = None) -> None:
+    """DVC stage ``evaluate-<name>@<seed>``: the test split, clean and under the evaluation
+    attack (``evaluate`` params), into ``metrics/eval/seed<seed>/<name>.json``, the figures
+    in ``plots/eval/seed<seed>/<name>/`` and one MLflow run. ``shard_spec`` "i/n" computes
+    one shard's chunks only; torchrun ranks (``distributed.nproc.evaluate``) share them."""
+    from .distributed import in_processes
+    from .train import pick_device
+
+    in_processes(p.distributed.nproc.evaluate, argv, pick_device(p.train.device), p.distributed.timeout_s,
+                 lambda group: _evaluate_stage(p, name, seed, shard_spec, group))
+
+
+def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> None:
+    import contextlib
+    from pathlib import Path
+
+    import mlflow
+
+    from . import figures, paths, tracking
+    from .data import atomic_dir, file_md5, require, write_json
+    from .distributed import ChunkStore, Shard, is_main, source_digest
+    from .params import section_dict, show_progress
+    from .train import load_weights, method_tag, pick_device
+
+    cfg, acfg = p.evaluate, p.evaluate.attack
+    shard = Shard.parse(shard_spec) if shard_spec else Shard()
+    main = is_main(group) and shard.count == 1  # the process that logs and writes
+    weights, stage = paths.weights(name, seed), paths.stage_name("evaluate", name, seed)
+    require(paths.CLEAN, "prepare")
+    require(weights, paths.stage_name("train", name, seed))
+    params = {f"evaluate.{k}": v for k, v in section_dict(cfg).items()}
+    run = tracking.stage_run(stage, params, p.tracking.experiment,
+                             {"mlsys.stage": "evaluate", "mlsys.model": name, "mlsys.method": method_tag(name),
+                              "mlsys.attack_mode": acfg.mode, "mlsys.seed": str(seed)}) \
+        if main else contextlib.nullcontext()
+    with run:
+        device = group.device if group else pick_device(p.train.device)
+        model = load_weights(weights, p.model).to(device).eval()
+        out = Path(paths.eval_metrics(name, seed))
+        store = ChunkStore(out.with_name(f".{out.name}.partial"), {  # finished chunks: resume and merge
+            "weights_md5": file_md5(weights), "clean_md5": file_md5(paths.CLEAN),
+            "evaluate": section_dict(cfg), "device": device.type,
+            "code": source_digest("evaluate", "attacks", "model")}) if is_main(group) else None
+        if main:
+            tracking.log_dataset(paths.CLEAN, "evaluation")
+        done = evaluate_split(model, paths.CLEAN, "test", cfg, device, store, shard, group, show_progress())
+        if done is None:  # a shard: its chunks are in the store for the merging run
+            if shard.count > 1:
+                print(f"{stage} shard {shard}: chunks in {store.folder}; run without --shard to merge")
+            return
+        clean, attacked, panel = done
+        res = {"clean": clean.result(), "attack": attacked.result(),
+               "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
+                                   "target": acfg.target, "alpha": acfg.alpha}}
+        mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
+        with atomic_dir(paths.eval_figures(name, seed)) as figs:  # a DVC out dir: all or nothing
+            fig = figures.perturbation_panel(*panel, f"{name} (seed {seed}) under {acfg.mode} attack "
+                                                     f"({acfg.steps} steps, eps {acfg.eps}, target class {acfg.target})")
+            mlflow.log_figure(fig, "figures/attack_panel.png")
+            figures.save(fig, figs / "attack_panel.png")
+            logits = predict(model.cpu(), panel[0], len(panel[0]), torch.device("cpu"))
+            fig = figures.prediction_panel(panel[0], panel[2], logits, f"{name} (seed {seed}): test predictions (clean)")
+            mlflow.log_figure(fig, "figures/predictions_test.png")
+            figures.save(fig, figs / "predictions_clean.png")
+        write_json(out, {**res, "mlflow_run_id": mlflow.active_run().info.run_id, "machine": tracking.machine()})
+        store.remove()
+        print(f"{stage}: clean accuracy {res['clean']['accuracy']:.4f} dice {res['clean']['dice']:.4f}"
+              f" | attacked accuracy {res['attack']['accuracy']:.4f} dice {res['attack']['dice']:.4f}")

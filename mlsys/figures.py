@@ -108,6 +108,27 @@ def loss_curves(histories: dict[str, list[dict]], title: str, keys=("train_loss"
     return fig
 
 
+def loss_bands(histories: dict[str, list[list[dict]]], title: str, key: str = "valid_loss"):
+    """Mean over seeds of ``key`` per epoch for each model, with a band from the lowest to the
+    highest seed; ``histories[model]`` is one per-epoch history per seed."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, runs in histories.items():
+        n = min(len(r) for r in runs)
+        values = np.array([[row[key] for row in r[:n]] for r in runs])
+        epochs = np.arange(1, n + 1)
+        line, = ax.plot(epochs, values.mean(0), marker="o", markersize=3,
+                        label=f"{name} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, path) -> None:
     """Write ``fig`` to ``path`` (format from the suffix) through a temporary file beside
     it, so a killed stage never leaves a half-written image."""
@@ -125,14 +146,23 @@ METRIC_TITLES = {"accuracy": "pixel accuracy", "dice": "Dice (standard: nucleus 
                  "paper_jaccard": "Jaccard (paper)"}
 
 
-def metric_bars(t1: dict, t2: dict, metrics=("accuracy", "dice", "paper_dice"), title: str | None = None):
-    """Grouped bars: each model's clean and attacked value of a few metrics."""
+def _err(std: dict | None, key: str):
+    """Error-bar lengths (a std table's column), or None; n/a (one seed) draws no bar."""
+    return None if std is None else np.nan_to_num(std[key])
+
+
+def metric_bars(t1: dict, t2: dict, metrics=("accuracy", "dice", "paper_dice"), title: str | None = None,
+                std1: dict | None = None, std2: dict | None = None):
+    """Grouped bars: each model's clean and attacked value of a few metrics; with ``std1``/``std2``
+    (tables of the same shape) the bars are means over seeds with +-1 std error bars."""
     models = t1["model"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.9), squeeze=False)
     x = np.arange(len(models))
     for ax, key in zip(axes[0], metrics):
-        ax.bar(x - 0.2, np.nan_to_num(t1[key]), 0.4, label="clean test split", color="#4c72b0")
-        ax.bar(x + 0.2, np.nan_to_num(t2[key]), 0.4, label="under attack", color="#dd8452")
+        ax.bar(x - 0.2, np.nan_to_num(t1[key]), 0.4, yerr=_err(std1, key), capsize=3, label="clean test split",
+               color="#4c72b0")
+        ax.bar(x + 0.2, np.nan_to_num(t2[key]), 0.4, yerr=_err(std2, key), capsize=3, label="under attack",
+               color="#dd8452")
         ax.set_xticks(x, models, fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(METRIC_TITLES.get(key, key), fontsize=10)
@@ -144,17 +174,19 @@ def metric_bars(t1: dict, t2: dict, metrics=("accuracy", "dice", "paper_dice"), 
     return fig
 
 
-def per_class_bars(t1: dict, t2: dict, title: str | None = None):
+def per_class_bars(t1: dict, t2: dict, title: str | None = None, std1: dict | None = None,
+                   std2: dict | None = None):
     """Per-class Dice of every model, clean (left) and under attack (right), in the
-    class colours of every other figure; n/a classes have no bar."""
+    class colours of every other figure; n/a classes have no bar; ``std1``/``std2``: +-1 std
+    error bars over seeds."""
     models, classes = t1["model"], CLASS_NAMES
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False, sharey=True)
     width = 0.8 / len(classes)
     x = np.arange(len(models))
-    for ax, tab, name in zip(axes[0], (t1, t2), ("clean test split", "under attack")):
+    for ax, tab, std, name in zip(axes[0], (t1, t2), (std1, std2), ("clean test split", "under attack")):
         for c, (cls, colour) in enumerate(zip(classes, CLASS_COLOURS)):
-            ax.bar(x - 0.4 + width * (c + 0.5), tab[f"dice/{cls}"], width, color=colour, edgecolor="grey",
-                   linewidth=0.5)
+            ax.bar(x - 0.4 + width * (c + 0.5), tab[f"dice/{cls}"], width, yerr=_err(std, f"dice/{cls}"),
+                   capsize=2, color=colour, edgecolor="grey", linewidth=0.5)
         ax.set_xticks(x, models, fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_title(name, fontsize=10)

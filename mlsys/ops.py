@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+from . import _build
+from .params import InputError
+
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
@@ -89,16 +92,19 @@ def _jit_build() -> bool:
     """Compile csrc/ with torch's JIT extension loader; returns whether CUDA kernels are in."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
+    global _BUILT_FROM
+    stamp = _build.digest_define(_CSRC)
     sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
-    cflags = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    cflags = _build.CXX_FLAGS + [stamp]
     cu = sorted(str(p) for p in _CSRC.glob("*.cu"))
     with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:
         sources += cu
-        cflags.append("-DMLSYS_WITH_CUDA")
+        cflags.append(_build.CUDA_DEFINE)
     module = load(name="mlsys_C", sources=sources, extra_cflags=cflags,
-                  extra_cuda_cflags=["-O3", "-DMLSYS_WITH_CUDA"], extra_ldflags=["-fopenmp"],
-                  is_python_module=True)
+                  extra_cuda_cflags=_build.NVCC_FLAGS + [_build.CUDA_DEFINE, stamp],
+                  extra_ldflags=_build.LD_FLAGS, is_python_module=True)
+    _BUILT_FROM = getattr(module, "csrc_digest", "unknown")
     return bool(module.cuda_kernels)
 
 
@@ -106,8 +112,10 @@ def _load() -> tuple[str, bool]:
     """(how the ops are served: "native" | "jit" | "reference", CUDA kernels compiled in)."""
     if os.environ.get("MLSYS_OPS", "") == "reference":
         return "reference", False
+    global _BUILT_FROM
     try:
         from mlsys import _C  # registers torch.ops.mlsys.*; needs torch imported first
+        _BUILT_FROM = getattr(_C, "csrc_digest", "unknown")
         return "native", bool(_C.cuda_kernels)
     except (ImportError, OSError) as err:
         reason = f"mlsys._C is not built or does not load ({err})"
@@ -146,6 +154,7 @@ def _register_fakes() -> None:
                 raise
 
 
+_BUILT_FROM: str | None = None  # csrc digest compiled into the loaded extension
 _SERVED_BY, _CUDA_KERNELS = _load()
 if _SERVED_BY != "reference":
     _register_fakes()
@@ -157,6 +166,29 @@ def backend() -> str:
     if _SERVED_BY == "native":
         return "native-cuda" if _CUDA_KERNELS and torch.cuda.is_available() else "native-cpu"
     return _SERVED_BY
+
+
+class StaleBuildError(InputError, RuntimeError):
+    """The loaded extension was compiled from other csrc/ sources than the checkout holds."""
+
+
+def build_id() -> str:
+    """What computes the ops: the backend and the csrc/ digest its extension was built from
+    (part of the method-two provenance and chunk fingerprint)."""
+    return backend() if _BUILT_FROM is None else f"{backend()}:{_BUILT_FROM}"
+
+
+def require_current() -> None:
+    """Refuse, in one line, an extension built from sources other than this checkout's
+    csrc/ (after a kernel edit): results must come from the code DVC sees. Nothing to
+    check for the references or where csrc/ is not beside the package (an installed wheel)."""
+    if _BUILT_FROM is None or not (_CSRC / "ops.cpp").is_file():
+        return
+    now = _build.csrc_digest(_CSRC)
+    if _BUILT_FROM != now:
+        raise StaleBuildError(f"the native ops (mlsys/_C) were built from csrc/ {_BUILT_FROM}, but csrc/ is now "
+                              f"{now}; rebuild them with `make setup` (or `.venv/bin/python setup.py build_ext "
+                              "--inplace`), then run again")
 
 
 def _native_for(t: torch.Tensor) -> bool:

@@ -17,8 +17,24 @@ import yaml
 
 CLASS_NAMES = ("background", "neoplastic", "inflammatory", "connective", "dead", "epithelial")
 
+# The one list of the four models: which datasets (training splits) each learns from
+# (model 4 for a fraction of the epochs, train.model4_epoch_fraction).
+# dvc.yaml spells the same (tests/test_layout.py checks it).
+MODELS: dict[str, tuple[str, ...]] = {
+    "model1": ("clean",),
+    "model2": ("method1",),
+    "model3": ("method2",),
+    "model4": ("clean", "method1", "method2"),
+}
+METHODS = ("method1", "method2")  # the two altered training sets, built with model 1
 
-class ParamsError(ValueError):
+
+class InputError(Exception):
+    """Bad input the user can fix (params, data, weights, a stale build): the CLI reports it
+    as one line, ``mlsys <stage>: error: <message>``, exit status 2."""
+
+
+class ParamsError(InputError, ValueError):
     """A parameter has the wrong type or an impossible value."""
 
 
@@ -51,7 +67,7 @@ class TrainParams:
     lr_decay: float = 0.1          # lr is multiplied by exp(-lr_decay) every lr_step epochs
     lr_step: int = 10              # epochs between learning-rate decays (paper: 10)
     model4_epoch_fraction: float = 0.3333333333  # model 4 trains this fraction of `epochs` (3x the data)
-    seed: int = 0                  # seed of weight init, shuffling and dropout
+    seed: int = 0                  # weight init, shuffle and dropout seed; the stages set it from `seeds`
     device: str = "auto"           # "auto" (cuda if available), "cpu" or "cuda[:i]"
     amp: bool = False              # bf16 autocast on CUDA
     channels_last: bool = False    # channels-last memory format on CUDA
@@ -98,7 +114,6 @@ class Method2Params:
 
 @dataclass
 class AugmentParams:
-    seed: int = 0                  # seed recorded in provenance (the methods are deterministic)
     device: str = "auto"           # "auto", "cpu" or "cuda[:i]"
     method1: Method1Params = field(default_factory=Method1Params)
     method2: Method2Params = field(default_factory=Method2Params)
@@ -125,6 +140,7 @@ class DistributedParams:
 
 @dataclass
 class Params:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds: the whole experiment per seed
     data: DataParams = field(default_factory=DataParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
@@ -135,6 +151,8 @@ class Params:
 
     def validate(self) -> "Params":
         d, m, t = self.data, self.model, self.train
+        _check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+               "seeds", self.seeds, "a list of distinct non-negative integers, e.g. [0, 1, 2]")
         _check(d.source in ("synthetic", "pannuke"), "data.source", d.source, '"synthetic" or "pannuke"')
         _check(d.normalise in ("minmax", "255"), "data.normalise", d.normalise, '"minmax" or "255"')
         _check(len(d.split) == 3 and all(r >= 0 for r in d.split) and d.split[0] > 0
@@ -250,7 +268,15 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ParamsError(f"params: {path} is not valid YAML: {err}".splitlines()[0]) from None
+    if isinstance(raw, dict) and isinstance(raw.get("train"), dict) and "seed" in raw["train"]:
+        raise ParamsError("params: train.seed is not read; every stage takes its seed from `seeds` "
+                          "(e.g. seeds: [0, 1, 2])")
     return _build(Params, raw, "").validate()
+
+
+def show_progress() -> bool:
+    """Progress bars on long work, unless MLSYS_PROGRESS=0 (tests, logs)."""
+    return os.environ.get("MLSYS_PROGRESS", "1") != "0"
 
 
 def section_dict(obj) -> dict:

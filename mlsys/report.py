@@ -1,23 +1,27 @@
-"""The paper's Tables 1 and 2 and its figures, from the evaluation metrics.
+"""The report stage: the paper's Tables 1 and 2 over several seeds, the paired differences
+of models 2-4 from model 1, the figures, the champion model, and `mlsys compare`.
 
 Table 1: the four models on the clean test split; Table 2: the same models under
 their own evaluation attack. Columns: loss, pixel accuracy, Dice and Jaccard in the
 standard variant (argmax, macro over the nucleus classes present) and the paper
-variant (softmax > 0.1, pooled over all channels), then per-class Dice.
+variant (softmax >= 0.1, pooled over all channels), then per-class Dice. Every cell is
+the mean +- the standard deviation over the seeds (sample std, n - 1), with the per-seed
+rows beside; "paired" gives, for models 2-4, the per-seed difference from model 1 of
+the same seed, its mean and a 95% t-interval (mean +- t(0.975, n-1) * sd / sqrt(n)):
+an effect is shown only where the interval excludes 0.
 The champion (registered in MLflow by the report stage) is chosen by CHAMPION_CRITERION.
 """
 from __future__ import annotations
 
 import math
 
-from .params import CLASS_NAMES
+import numpy as np
 
-MODEL_LABELS = {
-    "model1": "model 1 (clean)",
-    "model2": "model 2 (method one)",
-    "model3": "model 3 (method two)",
-    "model4": "model 4 (all three sets)",
-}
+from .params import CLASS_NAMES, MODELS
+
+MODEL_LABELS = {m: f"model {m[5:]} ({'clean' if sets == ('clean',) else ' + '.join(sets)})"
+                for m, sets in MODELS.items()}
+PAIRED = ("accuracy", "dice", "paper_dice")  # the metrics whose paired differences are reported
 COLUMNS = ["loss", "accuracy", "dice", "jaccard", "paper_dice", "paper_jaccard"] + \
     [f"dice/{c}" for c in CLASS_NAMES]
 
@@ -50,28 +54,111 @@ def _fmt(v, digits: int) -> str:
     return str(v)
 
 
-def tables_from_eval(evals: dict[str, dict]) -> tuple[dict, dict, str]:
-    """Per-model evaluation JSON (metrics/eval/<model>.json) -> Table 1, Table 2 and
-    a sentence naming the attack used."""
-    t1 = table({m: e["clean"] for m, e in evals.items()})
-    t2 = table({m: e["attack"] for m, e in evals.items()})
-    s = next(iter(evals.values()))["attack_settings"]
-    attack = (f"{s['mode']} attack, {s['steps']} steps, eps {s['eps']}"
-              + (f", alpha {s['alpha']}" if s["mode"] == "standard" else "")
-              + f", target full-area class {s['target']} ({CLASS_NAMES[s['target']]})")
-    return t1, t2, attack
+def over_seeds(tables: list[dict]) -> tuple[dict, dict]:
+    """Tables of the same models and columns, one per seed -> (mean table, std table); the
+    std is the sample standard deviation (NaN for one seed); NaN cells are left out."""
+    mean, std = {"model": list(tables[0]["model"])}, {"model": list(tables[0]["model"])}
+    for col in COLUMNS:
+        values = np.array([t[col] for t in tables], dtype=float)  # (seeds, models)
+        with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore", RuntimeWarning)
+            mean[col] = np.nanmean(values, 0).tolist()
+            std[col] = (np.nanstd(values, 0, ddof=1) if len(tables) > 1 else np.full(values.shape[1], np.nan)).tolist()
+    return mean, std
+
+
+def per_seed_table(per_seed: dict[int, dict[str, dict]], key: str) -> dict[str, list]:
+    """The rows of every (model, seed): ``per_seed[seed][model]`` is an evaluation JSON,
+    ``key`` "clean" or "attack"."""
+    rows = {f"{m} seed {seed}": evals[m][key] for m in MODELS for seed, evals in per_seed.items()}
+    tab = table(rows)
+    return tab
+
+
+def paired_differences(per_seed: dict[int, dict[str, dict]], baseline: str = "model1") -> list[dict]:
+    """For each other model and each of PAIRED, clean and under attack: the differences from
+    ``baseline`` paired by seed, their mean, std and the 95% t-interval of the mean (NaN
+    bounds for one seed). An effect beyond noise is one whose interval excludes 0."""
+    from scipy import stats
+
+    rows = []
+    seeds = list(per_seed)
+    for m in MODELS:
+        if m == baseline:
+            continue
+        for key in ("clean", "attack"):
+            for metric in PAIRED:
+                d = np.array([per_seed[s][m][key].get(metric, math.nan) - per_seed[s][baseline][key].get(metric, math.nan)
+                              for s in seeds])
+                n, mean = len(d), float(np.mean(d))
+                sd = float(np.std(d, ddof=1)) if n > 1 else math.nan
+                half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+                rows.append({"model": m, "split": key, "metric": metric, "mean": mean, "std": sd,
+                             "lo": mean - half, "hi": mean + half, "n_seeds": n,
+                             "per_seed": [float(v) for v in d]})
+    return rows
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def mean_std_table(mean: dict, std: dict) -> dict[str, list]:
+    """Cells "mean ± std" (the display form of Tables 1 and 2)."""
+    return {"model": mean["model"], **{c: [_pm(a, b) for a, b in zip(mean[c], std[c])] for c in COLUMNS}}
+
+
+def paired_table(rows: list[dict]) -> dict[str, list]:
+    """Display form of :func:`paired_differences`: one row per model, one cell per (split,
+    metric): "mean [lo, hi]", marked * where the interval excludes 0."""
+    out: dict[str, list] = {"model": []}
+    for r in rows:
+        if r["model"] not in out["model"]:
+            out["model"].append(r["model"])
+        col = f"{r['split']} {r['metric']}"
+        sig = "" if math.isnan(r["lo"]) or r["lo"] <= 0 <= r["hi"] else " *"
+        cell = f"{r['mean']:+.4f}" + ("" if math.isnan(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]") + sig
+        out.setdefault(col, []).append(cell)
+    return out
+
+
+def attack_name(settings: dict) -> str:
+    """The evaluation attack in words, from an evaluation JSON's ``attack_settings``."""
+    s = settings
+    return (f"{s['mode']} attack, {s['steps']} steps, eps {s['eps']}"
+            + (f", alpha {s['alpha']}" if s["mode"] == "standard" else "")
+            + f", target full-area class {s['target']} ({CLASS_NAMES[int(s['target'])]})")
 
 
 TITLE = "mlsys report: four models, clean and under attack"
 METRICS_NOTE = ("Standard metrics: argmax, per class, macro mean over the nucleus classes present "
-                "(absent classes: n/a, excluded). Paper metrics: softmax > 0.1 per channel, "
-                "TP/FP/FN pooled over all channels including background (original code).")
-CHAMPION_CRITERION = ("highest standard Dice under the evaluation attack (attack/dice); ties go to the "
-                      "higher clean Dice (clean/dice), then to the lower model number")
+                "(absent classes: n/a, excluded). Paper metrics: softmax >= 0.1 per channel, "
+                "TP/FP/FN pooled over all channels including background (original code). "
+                "Cells: mean ± sample standard deviation over the seeds.")
+PAIRED_NOTE = ("Paired differences from model 1 (same seed): mean [95% t-interval]; * marks an interval "
+               "that excludes 0, i.e. a difference beyond the spread over seeds.")
+CHAMPION_CRITERION = ("highest mean over seeds of the standard Dice under the evaluation attack (attack/dice); "
+                      "ties go to the higher clean Dice, then to the lower model number")
+
+
+def mean_evals(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """{model: {"clean": means, "attack": means}} over the seeds (what the champion is chosen by)."""
+    out = {}
+    for m in MODELS:
+        out[m] = {}
+        for key in ("clean", "attack"):
+            metrics = {k for s in per_seed.values() for k in s[m][key]}
+            out[m][key] = {k: float(np.nanmean([s[m][key].get(k, math.nan) for s in per_seed.values()]))
+                           if any(not math.isnan(s[m][key].get(k, math.nan)) for s in per_seed.values()) else math.nan
+                           for k in metrics}
+    return out
 
 
 def champion(evals: dict[str, dict]) -> str:
-    """The best model by CHAMPION_CRITERION (n/a scores count as lowest)."""
+    """The best model by CHAMPION_CRITERION (n/a scores count as lowest); ``evals`` as
+    :func:`mean_evals` returns."""
     def score(v) -> float:
         return -math.inf if v is None or math.isnan(v) else v
     order = list(evals)
@@ -79,15 +166,14 @@ def champion(evals: dict[str, dict]) -> str:
                                      -order.index(m)))
 
 
-def champion_line(evals: dict[str, dict], name: str, version: str | int, alias: str) -> str:
-    best = champion(evals)
-    return (f"Champion: {MODEL_LABELS.get(best, best)}, registered as {name} version {version} with the alias "
-            f"'{alias}' (criterion: {CHAMPION_CRITERION}).")
+def champion_line(name: str, registered: str, version: str | int, alias: str, seed: int) -> str:
+    return (f"Champion: {MODEL_LABELS.get(name, name)}, the weights of seed {seed} registered as {registered} "
+            f"version {version} with the alias '{alias}' (criterion: {CHAMPION_CRITERION}).")
 
 
 def per_class_rows(evals: dict[str, dict]) -> list[dict]:
     """Long table of per-class Dice for `dvc plots`: one row per (model, class) with a
-    score clean and under attack; classes without a score (n/a) are left out."""
+    score clean and under attack (means over seeds); classes without a score are left out."""
     rows = []
     for m, e in evals.items():
         for c in CLASS_NAMES:
@@ -98,22 +184,23 @@ def per_class_rows(evals: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def table_titles(attack: str) -> tuple[str, str]:
-    """Titles of Table 1 and Table 2; ``attack`` as :func:`tables_from_eval` names it."""
-    return "Table 1: clean test split", f"Table 2: under attack ({attack})"
+def table_titles(attack: str, n_seeds: int) -> tuple[str, str]:
+    """Titles of Table 1 and Table 2; ``attack`` as :func:`attack_name` names it."""
+    over = f"mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    return f"Table 1: clean test split ({over})", f"Table 2: under attack ({attack}; {over})"
 
 
-def markdown_report(t1: dict, t2: dict, attack: str, figures: list[tuple[str, str]],
+def markdown_report(tables: list[tuple[str, dict]], figures: list[tuple[str, str]],
                     notes: tuple[str, ...] = ()) -> str:
-    """One page: both tables and the figures (relative paths)."""
+    """One page: the notes, the titled tables and the figures (relative paths)."""
     parts = [f"# {TITLE}", "", METRICS_NOTE, "", *[x for n in notes for x in (n, "")],
-             *[x for t, title in zip((t1, t2), table_titles(attack)) for x in (to_markdown(t, title), "")]]
+             *[x for title, t in tables for x in (to_markdown(t, title), "")]]
     for title, path in figures:
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
     return "\n".join(parts)
 
 
-def html_report(t1: dict, t2: dict, attack: str, figures: list[tuple[str, str]], folder,
+def html_report(tables: list[tuple[str, dict]], figures: list[tuple[str, str]], folder,
                 notes: tuple[str, ...] = ()) -> str:
     """The same page as one self-contained HTML file (figures embedded), which the MLflow
     artifact viewer renders."""
@@ -130,13 +217,240 @@ def html_report(t1: dict, t2: dict, attack: str, figures: list[tuple[str, str]],
 
     parts = [f"<h1>{html.escape(TITLE)}</h1>", f"<p>{html.escape(METRICS_NOTE)}</p>",
              *[f"<p><b>{html.escape(n)}</b></p>" for n in notes],
-             *[tab(t, title) for t, title in zip((t1, t2), table_titles(attack))]]
+             *[tab(t, title) for title, t in tables]]
     for title, path in figures:
         data = base64.b64encode((Path(folder) / path).read_bytes()).decode()
         parts += [f"<h2>{html.escape(title)}</h2>",
                   f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">']
-    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1300px}table{border-collapse:collapse;"
+    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;"
              "margin:1em 0;font-size:13px}caption{font-weight:bold;text-align:left;padding:4px 0}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}img{max-width:100%}")
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(TITLE)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+# --------------------------------------------------------------------------- the report stage
+def read_evals(seeds: list[int]) -> dict[int, dict[str, dict]]:
+    """Every evaluation JSON of the pipeline: {seed: {model: metrics}}."""
+    import json
+    from pathlib import Path
+
+    from . import paths
+    from .data import require
+
+    out = {}
+    for seed in seeds:
+        out[seed] = {}
+        for m in MODELS:
+            path = paths.eval_metrics(m, seed)
+            require(path, paths.stage_name("evaluate", m, seed))
+            out[seed][m] = json.loads(Path(path).read_text())
+    return out
+
+
+def build_tables(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """Everything the report shows, as tables: means and stds of Tables 1-2, their per-seed
+    rows and the paired differences (see the module docstring)."""
+    out = {}
+    for name, key in (("table1", "clean"), ("table2", "attack")):
+        mean, std = over_seeds([table({m: e[key] for m, e in evals.items()}) for evals in per_seed.values()])
+        out[name], out[f"{name}_std"], out[f"{name}_seeds"] = mean, std, per_seed_table(per_seed, key)
+    out["paired"] = paired_differences(per_seed)
+    return out
+
+
+def summary(per_seed: dict[int, dict[str, dict]], tabs: dict) -> dict:
+    """The numbers of metrics/report.json (`dvc metrics show`, `dvc exp show`): per model the
+    mean and std over seeds of accuracy, Dice and paper Dice, clean and attacked, and the
+    paired differences from model 1 with their intervals."""
+    out: dict = {"seeds": list(per_seed)}
+    for name, key in (("table1", "clean"), ("table2", "attack")):
+        for i, m in enumerate(tabs[name]["model"]):
+            for metric in PAIRED:
+                out.setdefault(key, {}).setdefault(m, {})[metric] = {
+                    "mean": _num(tabs[name][metric][i]), "std": _num(tabs[f"{name}_std"][metric][i])}
+    for r in tabs["paired"]:
+        out.setdefault("paired", {}).setdefault(r["model"], {})[f"{r['split']}_{r['metric']}"] = {
+            "mean": _num(r["mean"]), "lo": _num(r["lo"]), "hi": _num(r["hi"])}
+    return out
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or math.isnan(v) else round(float(v), 6)
+
+
+def main(p) -> None:
+    """DVC stage ``report``: ``reports/`` (Tables 1-2 with mean +- std over ``seeds``, per-seed
+    rows, paired differences, figures, report.md/html), ``metrics/report.json``,
+    ``plots/report/*.csv``, one MLflow run (also on the pipeline run) and the champion in
+    the MLflow model registry."""
+    import csv
+    import shutil
+    from pathlib import Path
+
+    import mlflow
+    import torch
+
+    from . import data, figures, paths, tracking
+    from .evaluate import predict
+    from .train import load_weights
+
+    seeds = list(p.seeds)
+    per_seed = read_evals(seeds)
+    attack = attack_name(next(iter(per_seed[seeds[0]].values()))["attack_settings"])
+    tabs = build_tables(per_seed)
+    means = mean_evals(per_seed)
+    titles = table_titles(attack, len(seeds))
+    shown = [(titles[0], mean_std_table(tabs["table1"], tabs["table1_std"])),
+             (titles[1], mean_std_table(tabs["table2"], tabs["table2_std"])),
+             ("Paired differences from model 1 (" + PAIRED_NOTE + ")", paired_table(tabs["paired"])),
+             ("Table 1 per seed", tabs["table1_seeds"]), ("Table 2 per seed", tabs["table2_seeds"])]
+    machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
+    notes = [f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. Reproducibility: CPU "
+             "results are bit-identical only on the same CPU model with the same thread count."]
+    # reports/ is a DVC out dir written file by file: build it beside and rename it when complete
+    with tracking.stage_run(paths.stage_name("report"), {"seeds": ",".join(map(str, seeds))}, p.tracking.experiment,
+                            {"mlsys.stage": "report"}) as run, data.atomic_dir(paths.REPORT) as out:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        for name in ("table1", "table1_std", "table1_seeds", "table2", "table2_std", "table2_seeds"):
+            (out / f"{name}.csv").write_text(to_csv(tabs[name]))
+            mlflow.log_table(tabs[name], f"tables/{name}.json")
+        paired_cols = {k: [r[k] for r in tabs["paired"]] for k in ("model", "split", "metric", "mean", "std", "lo",
+                                                                      "hi", "n_seeds")}
+        (out / "paired.csv").write_text(to_csv(paired_cols))
+        mlflow.log_table(paired_cols, "tables/paired.json")
+        for (title, t), name in zip(shown[:2], ("table1", "table2")):
+            (out / f"{name}.md").write_text(to_markdown(t, title))
+        (out / "paired.md").write_text(to_markdown(shown[2][1], shown[2][0]))
+        figs: list[tuple[str, str]] = []
+        histories = {m: [] for m in MODELS}
+        for m in MODELS:
+            for seed in seeds:
+                with open(paths.train_plot(m, seed)) as f:
+                    histories[m].append([{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)])
+        figures.save(figures.loss_bands(histories, f"validation loss of the four models (band: lowest to highest "
+                                                   f"of {len(seeds)} seeds)"), out / "figures/validation_loss.png")
+        figs.append(("Validation loss", "figures/validation_loss.png"))
+        figures.save(figures.metric_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
+                                         std2=tabs["table2_std"],
+                                         title=f"clean test split vs {attack} (mean ± std, {len(seeds)} seeds)"),
+                     out / "figures/clean_vs_attack.png")
+        figs.append(("Clean vs attacked", "figures/clean_vs_attack.png"))
+        figures.save(figures.per_class_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
+                                            std2=tabs["table2_std"]), out / "figures/per_class_dice.png")
+        figs.append(("Per-class Dice", "figures/per_class_dice.png"))
+        data.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
+        for m, runs in histories.items():  # `dvc plots`: the mean curve over seeds of each model
+            n = min(len(r) for r in runs)
+            data.write_csv(f"{paths.REPORT_PLOTS}/{m}_loss.csv", [
+                {"epoch": e, **{k: float(np.mean([r[e][k] for r in runs])) for k in ("train_loss", "valid_loss")}}
+                for e in range(n)])
+        first = seeds[0]
+        for m in MODELS:
+            shutil.copy(Path(paths.eval_figures(m, first)) / "attack_panel.png", out / f"figures/{m}_attack_panel.png")
+            figs.append((f"{MODEL_LABELS[m]} under attack (seed {first})", f"figures/{m}_attack_panel.png"))
+        model1 = load_weights(paths.weights("model1", first), p.model).eval()
+        clean, _ = data.head(paths.CLEAN, "train", p.evaluate.n_panel)
+        for method in ("method1", "method2"):
+            pert, masks = data.head(paths.dataset(method, first), "train", p.evaluate.n_panel)
+            logits = predict(model1, pert, len(pert), torch.device("cpu"))
+            fig = figures.perturbation_panel(clean, pert, masks, logits,
+                                             f"{method} training images (seed {first}; prediction: model 1)")
+            figures.save(fig, out / f"figures/{method}_perturbation.png")
+            figs.append((f"{method} perturbations", f"figures/{method}_perturbation.png"))
+        result = {**summary(per_seed, tabs), "machine": machines,
+                  "mlflow": {"pipeline_run_id": run.data.tags.get("mlflow.parentRunId", ""),
+                             "report_run_id": run.info.run_id}}
+        mlflow.log_metrics({f"{key}/{m}/{metric}_{stat}": v for key in ("clean", "attack")
+                            for m, ms in result[key].items() for metric, st in ms.items()
+                            for stat, v in st.items() if v is not None})
+        if p.tracking.log_model:  # the champion joins the model registry
+            result["champion"] = register_champion(means, first, p)
+            notes.append(champion_line(result["champion"]["model"], result["champion"]["registered_model"],
+                                       result["champion"]["version"], tracking.CHAMPION_ALIAS, first))
+            print(notes[-1])
+        data.write_json(paths.REPORT_METRICS, result)
+        (out / "report.md").write_text(markdown_report(shown, figs, tuple(notes)))
+        (out / "report.html").write_text(html_report(shown, figs, out, tuple(notes)))
+        mlflow.log_artifacts(str(out), "report")
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:  # the pipeline run carries the report too, where users look first
+            mlflow.MlflowClient().log_artifacts(parent, str(out), "report")
+        for title, t in shown[:3]:
+            print(to_markdown(t, title))
+
+
+def register_champion(means: dict[str, dict], seed: int, p) -> dict:
+    """Register the best of the four models (CHAMPION_CRITERION, on the means over seeds),
+    its weights of ``seed``, as the ``champion`` of the MLflow registered model; returns
+    what metrics/report.json says about it."""
+    import os
+
+    import mlflow
+
+    from . import data, paths, tracking
+    from .train import load_weights
+
+    best = champion(means)
+    weights = paths.weights(best, seed)
+    dice = {k: means[best][k]["dice"] for k in ("clean", "attack")}
+    tags = {"mlsys.criterion": CHAMPION_CRITERION, "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
+            "mlsys.seed": str(seed), "clean/dice": f"{dice['clean']:.6g}", "attack/dice": f"{dice['attack']:.6g}"}
+
+    def log_model():  # where the store has no training run of these weights
+        return tracking.log_model(load_weights(weights, p.model).eval(), data.head(paths.CLEAN, "test", 2)[0])
+
+    version = tracking.register_champion(best, weights, log_model, tags)
+    mlflow.set_tags({"mlsys.champion": best, "mlsys.champion_version": version.version})
+    return {"model": best, "seed": seed, "registered_model": version.name, "version": int(version.version),
+            "attack_dice": dice["attack"], "clean_dice": dice["clean"]}
+
+
+# --------------------------------------------------------------------------- mlsys compare
+def compare(p, parent: str | None = None) -> str:
+    """Tables 1-2 (mean +- std over seeds) and the paired differences from the MLflow runs
+    of the latest pipeline (or ``parent``), as Markdown; stages that pipeline took from the
+    DVC cache are filled in by the latest finished run of the same model and seed."""
+    from mlflow.tracking import MlflowClient
+
+    from . import tracking
+
+    exp_id = tracking.setup(p.tracking.experiment)
+    client = MlflowClient()
+    if parent is None:
+        found = client.search_runs([exp_id], "tags.`mlsys.kind` = 'pipeline'", max_results=1,
+                                   order_by=["attributes.start_time DESC"])
+        parent = found[0].info.run_id if found else None
+    flt = "attributes.status = 'FINISHED' and tags.`mlsys.stage` = 'evaluate'"
+    runs = client.search_runs([exp_id], flt, order_by=["attributes.start_time DESC"], max_results=5000)
+    runs.sort(key=lambda r: r.data.tags.get("mlflow.parentRunId") != parent)  # the pipeline's own runs first
+    latest = {}
+    for r in runs:
+        seed = r.data.tags.get("mlsys.seed")
+        if seed is not None and int(seed) in p.seeds:
+            latest.setdefault((r.data.tags.get("mlsys.model"), int(seed)), r)
+    missing = [f"{m} seed {s}" for s in p.seeds for m in MODELS if (m, s) not in latest]
+    if len(missing) == len(MODELS) * len(p.seeds):
+        raise ConnectionError(f"no finished evaluate runs in experiment {p.tracking.experiment!r} "
+                              f"at {tracking.redact(tracking.tracking_uri())}; run `dvc repro` first")
+    per_seed = {}
+    for s in p.seeds:
+        if all((m, s) in latest for m in MODELS):
+            per_seed[s] = {}
+            for m in MODELS:
+                r = latest[(m, s)]
+                met, prm = r.data.metrics, r.data.params
+                per_seed[s][m] = {"clean": {k[6:]: v for k, v in met.items() if k.startswith("clean/")},
+                                  "attack": {k[7:]: v for k, v in met.items() if k.startswith("attack/")},
+                                  "attack_settings": {k: prm.get(f"evaluate.attack.{k}") for k in
+                                                      ("mode", "steps", "eps", "alpha", "target")}}
+    tabs = build_tables(per_seed)
+    attack = attack_name(next(iter(per_seed.values()))["model1"]["attack_settings"])
+    titles = table_titles(attack, len(per_seed))
+    lines = [f"runs: {len(latest)} evaluations of seeds {', '.join(map(str, per_seed))}"
+             + (f" (missing: {', '.join(missing)})" if missing else "")]
+    for (title, t) in ((titles[0], mean_std_table(tabs["table1"], tabs["table1_std"])),
+                       (titles[1], mean_std_table(tabs["table2"], tabs["table2_std"])),
+                       ("Paired differences from model 1", paired_table(tabs["paired"]))):
+        lines.append(to_markdown(t, title))
+    return "\n".join(lines)

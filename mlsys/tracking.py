@@ -169,11 +169,30 @@ def _parent_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) 
     return run.info.run_id
 
 
+def machine() -> str:
+    """The machine a result came from, in words: CPU model (and GPU when one is used), torch
+    version and thread count. CPU results are bit-identical only for the same CPU model and
+    thread count (README, "Reproducibility")."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def run_tags() -> dict[str, str]:
     """Tags of every run: git commit, DVC experiment, the tracking URI without
     credentials and the host (for `mlsys runs sweep`)."""
     return {**git_info(repo_root()), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
-            "mlsys.tracking_uri": redact(tracking_uri()), "mlsys.host": socket.gethostname()}
+            "mlsys.tracking_uri": redact(tracking_uri()), "mlsys.host": socket.gethostname(),
+            "mlsys.machine": machine()}
 
 
 @contextlib.contextmanager
@@ -276,38 +295,36 @@ def sweep(experiment: str = "mlsys", older_than_hours: float = 24.0,
     return swept
 
 
-def dataset_digest(path: str | os.PathLike) -> str:
-    """md5 of a data file as recorded in dvc.lock, else computed (DVC's md5)."""
-    path = Path(path)
-    lock = repo_root() / "dvc.lock"
-    rel = os.path.relpath(path.resolve(), repo_root())
-    if lock.exists():
-        import yaml
-
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []) or []:
-                if out.get("path") == rel and out.get("md5") and out.get("size") == path.stat().st_size:
-                    return out["md5"]
-    return file_md5(path)
-
-
 def log_dataset(path: str | os.PathLike, context: str) -> str:
     """Record a DVC-tracked data file as an MLflow dataset input (name, digest, source);
-    returns its md5."""
+    returns its md5, computed from the file itself as DVC does (never read from dvc.lock,
+    which describes the previous run while a stage runs)."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     path = Path(path)
-    digest = dataset_digest(path)
+    digest = file_md5(path)
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(path.resolve()))
     ds = MetaDataset(source=source, name=path.name, digest=digest[:36])
     mlflow.log_input(ds, context=context, tags={"dvc.md5": digest})
     return digest
+
+
+def log_model(model, example):
+    """Log the U-Net as an MLflow model of the active run (torch.export format: ``example``,
+    images (N >= 2, 3, H, W), gives the input example and the signature); returns its ModelInfo."""
+    import torch
+    from mlflow.models import infer_signature
+
+    x = example.numpy()
+    with torch.no_grad():
+        y = model(example).numpy()
+    return mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, y), input_example=x,
+                                    pip_requirements=["torch"])
 
 
 REGISTERED_MODEL = "mlsys-unet"

@@ -31,18 +31,12 @@ from .data import atomic_path
 from .distributed import Group, all_sum, broadcast
 from .evaluate import evaluate
 from .model import UNet, build_model
-from .params import ModelParams, TrainParams
-
-# Which datasets (data/<name>.h5, training split) each of the four models learns from.
-MODELS: dict[str, tuple[str, ...]] = {
-    "model1": ("clean",),
-    "model2": ("method1",),
-    "model3": ("method2",),
-    "model4": ("clean", "method1", "method2"),
-}
+from .params import METHODS, MODELS, InputError, ModelParams, TrainParams  # noqa: F401 - MODELS used here
 
 
-class CheckpointError(ValueError):
+
+
+class CheckpointError(InputError, ValueError):
     """A weights file does not fit the configured model."""
 
 
@@ -237,3 +231,108 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
             tqdm.write(f"epoch {epoch + 1}/{epochs}  train loss {row['train_loss']:.4f}  "
                        f"valid loss {row['valid_loss']:.4f}  valid dice {row['valid_dice']:.4f}")
     return history
+
+
+# --------------------------------------------------------------------------- the train stage
+def method_tag(model: str) -> str:
+    """Which augmentation methods a model's training sets come from ("clean" for model 1),
+    so that filtering runs by ``tags.`mlsys.method``` finds a method's set and its models."""
+    return "+".join(s for s in MODELS[model] if s != "clean") or "clean"
+
+
+def training_data(name: str, seed: int):
+    """(training set paths, (images, masks) of their training splits concatenated,
+    (images, masks) of the clean validation split) of model ``name`` at ``seed``."""
+    from . import paths
+    from .data import load_split, require
+
+    sets = [paths.dataset(s, seed) for s in MODELS[name]]
+    for s, path in zip(MODELS[name], sets):
+        require(path, "prepare" if s == "clean" else paths.stage_name("augment", s, seed))
+    parts = [load_split(path, "train") for path in sets]
+    return sets, (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), \
+        load_split(paths.CLEAN, "valid")
+
+
+def main(p, name: str, seed: int, argv: list[str]) -> None:
+    """DVC stage ``train-<name>@<seed>``: ``models/seed<seed>/<name>.pt``, its per-epoch curve
+    (``plots/train/...csv``) and summary (``metrics/train/...json``), one MLflow run with
+    every epoch's metrics, figures and the logged model. ``distributed.nproc.train`` > 1:
+    DistributedDataParallel under torchrun (``argv`` is re-run there)."""
+    from dataclasses import replace
+
+    from .distributed import in_processes
+
+    cfg = replace(p.train, seed=seed)
+    in_processes(p.distributed.nproc.train, argv, pick_device(cfg.device), p.distributed.timeout_s,
+                 lambda group: _train_stage(p, cfg, name, seed, group))
+
+
+def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None) -> None:
+    import json
+
+    import mlflow
+
+    from . import figures, paths, tracking
+    from .data import file_md5, write_csv, write_json
+    from .distributed import is_main
+    from .evaluate import predict
+    from .params import section_dict, show_progress
+
+    epochs = epochs_for(name, cfg)
+    if not is_main(group):  # a torchrun rank other than 0: the same steps, nothing logged or written
+        _, train, valid = training_data(name, seed)
+        torch.manual_seed(seed)
+        train_model(build_model(p.model), train, valid, cfg, epochs, progress=False, group=group)
+        return
+    world = group.world if group else 1
+    params = {**{f"model.{k}": v for k, v in section_dict(p.model).items()},
+              **{f"train.{k}": v for k, v in section_dict(cfg).items()},
+              "train.epochs_effective": epochs, "train.sets": ",".join(MODELS[name]),
+              "train.processes": world, "train.batch_per_process": cfg.batch_size // world}
+    weights = paths.weights(name, seed)
+    with tracking.stage_run(paths.stage_name("train", name, seed), params, p.tracking.experiment,
+                            {"mlsys.stage": "train", "mlsys.model": name, "mlsys.method": method_tag(name),
+                             "mlsys.seed": str(seed)}):
+        sets, train, valid = training_data(name, seed)
+        digests = {path: tracking.log_dataset(path, "training" if path in sets else "validation")
+                   for path in dict.fromkeys(sets + [paths.CLEAN])}
+        torch.manual_seed(seed)
+        model = build_model(p.model)
+        fingerprint = json.dumps({"params": params, "data": digests}, sort_keys=True, default=str)
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            mlflow.log_metrics({("train/loss" if k == "train_loss" else k.replace("_", "/", 1)): v
+                                for k, v in row.items() if k != "epoch"}, step=epoch)
+
+        checkpoint = paths.checkpoint(name, seed)
+        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        history = train_model(model, train, valid, cfg, epochs, checkpoint, fingerprint, on_epoch,
+                              show_progress(), group)
+        model.cpu().eval()
+        save_weights(model, p.model, weights, {"model": name, "seed": seed, "sets": list(MODELS[name]),
+                                               "epochs": epochs})
+        best = min(history, key=lambda r: r["valid_loss"])
+        summary = {"best/epoch": best["epoch"], "best/valid_loss": best["valid_loss"],
+                   "best/valid_dice": best["valid_dice"], "final/valid_loss": history[-1]["valid_loss"],
+                   "final/valid_dice": history[-1]["valid_dice"],
+                   "final/valid_accuracy": history[-1]["valid_accuracy"], "n_train_images": len(train[0])}
+        mlflow.log_metrics(summary)
+        # the registry (report stage) finds this run's model by the md5 DVC records for the weights
+        mlflow.set_tag("mlsys.weights_md5", file_md5(weights))
+        write_json(paths.train_metrics(name, seed), {**summary, "mlflow_run_id": mlflow.active_run().info.run_id,
+                                                        "machine": tracking.machine()})
+        write_csv(paths.train_plot(name, seed), history)
+        mlflow.log_figure(figures.loss_curves({name: history}, f"{name} (seed {seed}): loss per epoch"),
+                          "figures/loss_curves.png")
+        n = min(4, len(valid[0]))
+        logits = predict(model, valid[0][:n], n, torch.device("cpu"))
+        mlflow.log_figure(figures.prediction_panel(valid[0][:n], valid[1][:n], logits,
+                                                   f"{name} (seed {seed}): validation predictions"),
+                          "figures/predictions_valid.png")
+        mlflow.log_artifact(weights, "weights")
+        if p.tracking.log_model:
+            tracking.log_model(model, valid[0][:2])
+        Path(checkpoint).unlink(missing_ok=True)  # done: the next run starts fresh
+        print(f"{paths.stage_name('train', name, seed)}: {epochs} epochs, final valid loss "
+              f"{history[-1]['valid_loss']:.4f}, dice {history[-1]['valid_dice']:.4f}")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,11 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLSYS_PROGRESS", "0")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of whole pipelines (minutes); the fast tier is "
+                                       "`pytest -m 'not slow'`")
+
+
 @pytest.fixture
 def root() -> Path:
     return ROOT
@@ -23,9 +29,9 @@ def pipeline(tmp_path_factory):
     """A micro copy of the repository after one `dvc repro` (run once per session):
     (repo, the CompletedProcess of that repro). Tests must not change it: work on
     ``micro.clone(repo, ...)`` instead."""
-    from micro import MICRO, make_repo, run
+    from micro import MICRO, PIPELINE_SEEDS, make_repo, merge, run
 
-    repo = make_repo(tmp_path_factory.mktemp("repo"), MICRO)
+    repo = make_repo(tmp_path_factory.mktemp("repo"), merge(json.loads(json.dumps(MICRO)), {"seeds": PIPELINE_SEEDS}))
     return repo, run(repo, "dvc", "repro")
 
 

@@ -22,15 +22,26 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = {
+    "seeds": [0],
     "data": {"n_images": 27, "image_size": 16},
     "model": {"base": 4, "depth": 2},
     "train": {"epochs": 2, "batch_size": 6, "device": "cpu"},
     "evaluate": {"n_panel": 2, "attack": {"steps": 2}},
     "augment": {"device": "cpu", "method1": {"steps": 1}, "method2": {"chunk": 200}},
 }
-MODELS = ("model1", "model2", "model3", "model4")
-STAGES = {"prepare", *(f"train@{m}" for m in MODELS), "augment@method1", "augment@method2",
-          *(f"evaluate@{m}" for m in MODELS), "report"}
+from mlsys.params import METHODS, MODELS  # noqa: E402
+from mlsys.paths import stage_name  # noqa: E402
+
+
+def stages(seeds=(0, 1)) -> set[str]:
+    """The DVC stage (= MLflow run) names of a pipeline over ``seeds``."""
+    return {"prepare", "report", *(stage_name(job, name, s) for s in seeds
+                                   for job, names in (("train", MODELS), ("augment", METHODS), ("evaluate", MODELS))
+                                   for name in names)}
+
+
+STAGES = stages(MICRO["seeds"])   # of a repository made from MICRO
+PIPELINE_SEEDS = [0, 1]            # the session's `pipeline` fixture runs two seeds (aggregation over seeds)
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -42,7 +53,7 @@ def merge(base: dict, over: dict) -> dict:
 def make_repo(dest: Path, overrides: dict) -> Path:
     """A git + DVC repository at ``dest`` with this project's code, dvc.yaml and
     params.yaml updated by ``overrides``."""
-    for name in ("mlsys", "csrc"):
+    for name in ("mlsys", "csrc", "bin"):
         if (ROOT / name).exists():
             shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "setup.py", ".dvcignore", ".gitignore"):
@@ -70,7 +81,7 @@ def env_for(repo: Path, **extra: str) -> dict:
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1",
                MLFLOW_DISABLE_TELEMETRY="true", MLSYS_PROGRESS="0", PYTHONPATH=str(repo),
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               OMP_NUM_THREADS="1", **extra)
+               OMP_NUM_THREADS="1", MLSYS_PYTHON=sys.executable, **extra)
     return env
 
 
