@@ -421,7 +421,7 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
                         h = halve.view(shape)
                         eta = torch.where(h, eta / 2, eta)
                         cur = torch.where(h, best, cur)
-                        prev = cur  # no momentum across a restart
+                        prev = torch.where(h, best, prev)  # no momentum across a restart
                         f_prev = torch.where(halve, f_best, f_prev)
                         if grad is not None:
                             grad = torch.where(h, g_best, grad)
