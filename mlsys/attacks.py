@@ -163,8 +163,8 @@ def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> torch.Tensor:
-    """SegPGD's loss (Gu et al. 2022, Sec. 3, the weighted loss and lambda(t) of
-    Algorithm 1; equations 4-5 in our reading of arXiv 2207.12391v3):
+    """SegPGD's loss (Gu et al. 2022, Sec. 3: the loss is their Eq. 4 and lambda(t)
+    their Eq. 5 as we read arXiv 2207.12391v3; used in Algorithm 1, t = 1..T):
         L = 1/(HW) [ (1 - lam) sum_{correct j} CE_j + lam sum_{wrong k} CE_k ],
         lam = (t' - 1) / (2T), t' = 1..T the paper's 1-based iteration.
     Here t = 0..steps-1 is the 0-based update index, so lam = t / (2 * steps): the
@@ -352,10 +352,17 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     accuracy (later ones win ties), as SEA keeps; the last stage's result is returned:
     (N, 3, H, W), ||adv - x||_inf <= eps, in [0, 1].
 
-    Cost: steps backward passes less one per stage, steps + len(schedule) forwards
-    (each stage evaluates its start). on_step(t, logits) sees every forward, t = 0,
-    1, ... in order (t counts forwards, so each stage start after the first repeats
-    the step count before it); the last one is NOT necessarily the returned image.
+    Where this follows the paper rather than the authors' code (fra31/auto-attack,
+    nmndeep/Robust-Segmentation): checkpoints are ceil(p_j * n) (the code counts
+    int(0.22 n) then shrinks by int(0.03 n)); condition 1 is a strict "fewer than"
+    (the code halves at <=); condition 2 also applies at the first checkpoint (the
+    code skips it there); after a restart the momentum term is zero (the code keeps
+    the jump). SEA's early stop (all pixels fooled) is left out, for full curves.
+
+    Cost: ``steps`` backward passes and steps + len(schedule) forwards (each stage
+    evaluates its start). on_step(t, logits) sees every forward in order, t = 0 ..
+    steps + len(schedule) - 1 (with one stage, t = number of updates so far); the
+    last one is NOT necessarily the returned image (that is the lowest-accuracy one).
     return_trace: also return {"eta": (steps, N) step of each update, "radius":
     (steps,) radius of each update, "checkpoints": update counts (global) checked}."""
     _check_attack(x, y, eps, steps)
@@ -389,7 +396,8 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
             cur = project(start)
             logits, grad, f = look(cur, grad=n_iter > 0)
             low, low_acc = cur.clone(), pixel_accuracy(logits, y)           # lowest accuracy so far
-            best, f_best, g_best = cur.clone(), f.clone(), grad              # highest tracked loss so far
+            best, f_best = cur.clone(), f.clone()                            # highest tracked loss so far
+            g_best = None if grad is None else grad.clone()
             eta = torch.full(shape, 2 * r, device=x0.device)
             prev, f_prev = cur, f
             checks = set(apgd_checkpoints(n_iter))
