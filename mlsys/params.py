@@ -49,7 +49,7 @@ class ModelParams:
 class TrainParams:
     epochs: int = 30               # passes over the training set (paper: 60)
     batch_size: int = 18           # images per optimiser step (paper: 18)
-    lr: float = 0.004              # Adam learning rate at epoch 0 (paper: 0.004)
+    lr: float = 0.004              # Adam learning rate before any decay (paper: 0.004)
     lr_decay: float = 0.1          # lr is multiplied by exp(-lr_decay) every lr_step epochs
     lr_step: int = 10              # epochs between learning-rate decays (paper: 10)
     schedule: str = "keras"        # "keras": first decay already at epoch 0 (authors' code); "step": from epoch lr_step
