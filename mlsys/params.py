@@ -57,15 +57,19 @@ class ModelParams:
     depth: int = 3                 # pooling steps; image side must be divisible by 2**depth (paper: 3)
     dropout: float = 0.2           # dropout probability in the up path (paper: 0.2)
     n_classes: int = 6             # output classes: background + 5 nucleus types
+    variant: str = "standard"      # "original": the authors' Keras model layer for layer; "standard": textbook U-Net
+    init: str = "he"               # "glorot": Keras default, what the authors' model gets; "he": Kaiming normal
 
 
 @dataclass
 class TrainParams:
     epochs: int = 30               # passes over the training set (paper: 60)
     batch_size: int = 18           # images per optimiser step (paper: 18)
-    lr: float = 0.004              # Adam learning rate at epoch 0 (paper: 0.004)
+    lr: float = 0.004              # Adam learning rate before any decay (paper: 0.004)
     lr_decay: float = 0.1          # lr is multiplied by exp(-lr_decay) every lr_step epochs
     lr_step: int = 10              # epochs between learning-rate decays (paper: 10)
+    schedule: str = "keras"        # "keras": first decay already at epoch 0 (authors' code); "step": from epoch lr_step
+    keep: str = "best"             # weights kept: "best" = lowest validation loss (authors' code), "last" = last epoch
     model4_epoch_fraction: float = 0.3333333333  # model 4 trains this fraction of `epochs` (3x the data)
     seed: int = 0                  # weight init, shuffle and dropout seed; the stages set it from `seeds`
     device: str = "auto"           # "auto" (cuda if available), "cpu" or "cuda[:i]"
@@ -166,11 +170,15 @@ class Params:
         _check(m.base >= 1, "model.base", m.base, ">= 1")
         _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
         _check(2 <= m.n_classes <= 6, "model.n_classes", m.n_classes, "2..6")
+        _check(m.variant in ("original", "standard"), "model.variant", m.variant, '"original" or "standard"')
+        _check(m.init in ("glorot", "he"), "model.init", m.init, '"glorot" or "he"')
         _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
         _check(t.lr > 0, "train.lr", t.lr, "> 0")
         _check(t.lr_step >= 1, "train.lr_step", t.lr_step, ">= 1")
         _check(t.lr_decay >= 0, "train.lr_decay", t.lr_decay, ">= 0")
+        _check(t.schedule in ("keras", "step"), "train.schedule", t.schedule, '"keras" or "step"')
+        _check(t.keep in ("best", "last"), "train.keep", t.keep, '"best" or "last"')
         for key, dev in (("train.device", t.device), ("augment.device", self.augment.device)):
             _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev) is not None, key, dev,
                    '"auto", "cpu", "cuda" or "cuda:<index>"')

@@ -6,9 +6,12 @@ epochs (the paper says "reduced by two thirds"; ``train.model4_epoch_fraction``)
 Every model validates on the clean validation split.
 
 Adam, pixel cross-entropy, learning rate ``lr * exp(-lr_decay)`` every ``lr_step``
-epochs. A checkpoint is written after every epoch and training resumes from it;
-random state is re-seeded from (seed, epoch) at each epoch start, so a resumed run
-on CPU reproduces an uninterrupted one bit for bit.
+epochs (:func:`lr_at`). The weights kept at the end are those of the epoch with the
+lowest validation loss, as the authors' Keras ModelCheckpoint(save_best_only=True)
+keeps, or of the last epoch (``train.keep``; :func:`kept_epoch`). A checkpoint is
+written after every epoch and training resumes from it; random state is re-seeded
+from (seed, epoch) at each epoch start, so a resumed run on CPU reproduces an
+uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ class CheckpointError(InputError, ValueError):
     """A weights file does not fit the configured model."""
 
 
+# model config keys added after weights files were first written, with the value every
+# older file holds (there was only the standard U-Net with He initialisation)
+LEGACY_MODEL_CONFIG = {"variant": "standard", "init": "he"}
+
+
 def pick_device(name: str) -> torch.device:
     """"auto" (cuda if available), "cpu" or "cuda[:i]"; an unavailable GPU is a params error."""
     if name == "auto":
@@ -60,8 +68,33 @@ def epochs_for(model_name: str, cfg: TrainParams) -> int:
 
 
 def lr_at(epoch: int, cfg: TrainParams) -> float:
-    """Learning rate of an epoch: lr * e^(-lr_decay) every lr_step epochs (original code)."""
-    return cfg.lr * math.exp(-cfg.lr_decay * (epoch // cfg.lr_step))
+    """Learning rate of the 0-based ``epoch``: lr * e^(-lr_decay) every lr_step epochs.
+
+    ``cfg.schedule == "keras"`` is the authors' code: Keras' LearningRateScheduler calls
+    PokeNet.py's ``scheduler(epoch, lr)`` at the start of every 0-based epoch with the
+    optimiser's current lr, and it returns ``lr * exp(-0.1)`` when ``epoch % 10 == 0``, so
+    the first decay already applies at epoch 0: lr_e = lr * exp(-lr_decay * (e // lr_step + 1)),
+    epochs 0-9 at 0.004 e^-0.1 = 0.003619, 10-19 at 0.004 e^-0.2, ...
+    ``"step"``: lr_e = lr * exp(-lr_decay * (e // lr_step)), epochs 0-9 at lr itself."""
+    decays = epoch // cfg.lr_step + (1 if cfg.schedule == "keras" else 0)
+    return cfg.lr * math.exp(-cfg.lr_decay * decays)
+
+
+def kept_epoch(history: list[dict], keep: str) -> int:
+    """The epoch whose weights training keeps: ``keep == "last"``: the last row's; ``"best"``:
+    the lowest ``valid_loss``, the earliest on ties (Keras ModelCheckpoint(save_best_only=True)
+    on val_loss saves only on a strict improvement; a NaN or infinite loss never counts;
+    if no epoch has a finite loss the last one is kept). ``history``: rows of train_model."""
+    if not history:
+        raise ValueError("kept_epoch: the history is empty (no epoch trained)")
+    if keep not in ("best", "last"):
+        raise ValueError(f"kept_epoch: keep = {keep!r} is unknown; expected \"best\" or \"last\"")
+    kept, best = history[-1]["epoch"], math.inf
+    if keep == "best":
+        for row in history:
+            if row["valid_loss"] < best:  # False for NaN, as numpy's less in Keras
+                kept, best = row["epoch"], row["valid_loss"]
+    return kept
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
@@ -99,6 +132,8 @@ def load_weights(path: str | os.PathLike, cfg: ModelParams, map_location="cpu") 
     if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
         raise CheckpointError(f"weights {path} are not an mlsys weights file")
     saved = blob.get("config", {})
+    if saved:
+        saved = {**LEGACY_MODEL_CONFIG, **saved}
     if saved and saved != asdict(cfg):
         diff = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v)
         raise CheckpointError(f"weights {path} were trained with "
@@ -134,7 +169,12 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
     single-process order, so W processes follow the single-process trajectory (up to
     float summation order, dropout draws, and the up to W - 1 images the sampler repeats
     when W does not divide N). Rank 0 alone writes the checkpoint and gets ``on_epoch``;
-    every rank resumes from rank 0's checkpoint; validation is split across the ranks."""
+    every rank resumes from rank 0's checkpoint; validation is split across the ranks.
+
+    At the end ``model`` holds the weights of ``kept_epoch(history, cfg.keep)``: the lowest
+    validation loss (``"best"``, the authors' ModelCheckpoint) or the last epoch. The best
+    weights so far travel in the checkpoint, so a resumed run keeps the same ones; every
+    rank tracks them alike (the validation loss is reduced over the ranks)."""
     from .params import ParamsError
 
     rank, world = (group.rank, group.world) if group else (0, 1)
@@ -169,11 +209,16 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
                                   "delete it to start over")
         if state.get("fingerprint") != fingerprint:
             state = None
+        elif cfg.keep == "best" and state.get("best", {}).get("epoch") != kept_epoch(state["history"], "best"):
+            print(f"train: checkpoint {checkpoint} lacks the best weights so far; starting over", flush=True)
+            state = None
     state = broadcast(state, group)  # every rank resumes from rank 0's checkpoint
+    best = None  # {"epoch", "model"}: the weights of the lowest validation loss so far (keep == "best")
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history, start = state["history"], state["epoch"] + 1
+        best = state.get("best") if cfg.keep == "best" else None
         if main:
             print(f"train: resumed from {checkpoint} after epoch {start} of {epochs}"
                   + (f" (all {world} processes)" if world > 1 else ""), flush=True)
@@ -221,15 +266,21 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
                "valid_dice": val["dice"], "valid_jaccard": val["jaccard"],
                "valid_paper_dice": val["paper_dice"]}
         history.append(row)
+        if cfg.keep == "best" and kept_epoch(history, "best") == epoch:
+            best = {"epoch": epoch, "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         if checkpoint and main:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "history": history, "fingerprint": fingerprint}, tmp)
+                            "history": history, "fingerprint": fingerprint,
+                            **({"best": best} if best is not None else {})}, tmp)
         if on_epoch:
             on_epoch(epoch, row)
         if progress and main:
             tqdm.write(f"epoch {epoch + 1}/{epochs}  train loss {row['train_loss']:.4f}  "
                        f"valid loss {row['valid_loss']:.4f}  valid dice {row['valid_dice']:.4f}")
+    kept = kept_epoch(history, cfg.keep)
+    if kept != history[-1]["epoch"]:  # the model holds the last epoch's weights; bring back the kept ones
+        model.load_state_dict(best["model"])
     return history
 
 
