@@ -48,7 +48,7 @@ def test_paper_variant_matches_sklearn_micro_multilabel():
     m = SegMetrics(threshold=0.1)
     m.update(logits, masks)
     r = m.result()
-    fired = (logits.softmax(1) > 0.1).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+    fired = (logits.softmax(1) >= 0.1).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
     truth = torch.nn.functional.one_hot(masks, 6).reshape(-1, 6).numpy()
     assert r["paper_dice"] == pytest.approx(f1_score(truth, fired, average="micro"))
     assert r["paper_jaccard"] == pytest.approx(jaccard_score(truth, fired, average="micro"))
