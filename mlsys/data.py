@@ -22,7 +22,9 @@ writes them):
            absent from files written before it existed (readers then give None)
   /tissue  (N,) str
   /split/{train,valid,test}  int64 sorted indices
-  attrs: provenance (source, seeds, normalisation, producing model, attack settings)
+  attrs: provenance (source, seeds, normalisation, producing model, attack settings),
+         class_names, overlap_rule, channels_rule (where /channels exists)
+The method sets (mlsys.augment) copy /masks and /channels of the clean training split.
 Files are written beside their destination and renamed on success, so a killed
 stage never leaves a file that looks complete.
 """
