@@ -24,7 +24,7 @@ import torch
 
 from . import ops
 from .attacks import eval_mode, full_area, input_grad, pgd
-from .data import create_dataset, file_md5, image_size, iter_chunks, split_of
+from .data import create_dataset, file_md5, has_channels, image_size, iter_chunks, split_of
 from .distributed import ChunkStore, Group, Shard, chunk_sizes, is_main, run_chunks, source_digest
 from .params import Method1Params, Method2Params
 
@@ -112,7 +112,7 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
               cfg, device: torch.device, provenance: dict, progress: bool = True, shard: Shard = Shard(),
               group: Group | None = None) -> dict[str, float] | None:
     """Write data/<method>.h5: the training split of ``clean`` perturbed by ``method``
-    (true masks kept), chunk by chunk (``batch_size`` images). Returns summary
+    (true masks and channel bits kept), chunk by chunk (``batch_size`` images). Returns summary
     statistics, or None where this process only computed chunks (a ``shard`` of
     several, or a torchrun rank other than 0).
 
@@ -158,13 +158,15 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
              "mode": getattr(mcfg, "mode", "signed-combination search")}
     linf, l2 = [], []
     splits = {"train": np.arange(n), "valid": np.arange(0), "test": np.arange(0)}
-    with create_dataset(out, n, image_size(clean), attrs, splits, extra) as w:
-        for j, ((idx, images, masks, tissue), result) in enumerate(
-                zip(iter_chunks(clean, "train", bs), store.merged(len(sizes)))):
+    channels = has_channels(clean)  # an older clean file without /channels gives a set without them
+    with create_dataset(out, n, image_size(clean), attrs, splits, extra, channels) as w:
+        for j, ((idx, images, masks, tissue, bits), result) in enumerate(
+                zip(iter_chunks(clean, "train", bs, channels=True), store.merged(len(sizes)))):
             if len(result["images"]) != len(idx):
                 raise RuntimeError(f"{method}: chunk {j} in {store.folder} holds {len(result['images'])} "
                                    f"images, not {len(idx)}")
-            w.write(j * bs, masks=masks.to(torch.uint8), tissue=tissue, **result)
+            w.write(j * bs, masks=masks.to(torch.uint8), tissue=tissue,
+                    **({} if bits is None else {"channels": bits}), **result)
             d = (torch.from_numpy(result["images"]) - images).flatten(1)
             linf += d.abs().amax(1).tolist()
             l2 += d.norm(dim=1).tolist()

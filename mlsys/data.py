@@ -9,14 +9,22 @@ Semantic label per pixel: class k+1 for the FIRST channel k in 0..4 that is
 non-zero (so a pixel set in two class channels takes the lower channel), else
 background 0 -- void pixels are background. Instance ids are compared with 0
 before any cast, so ids > 255 are safe.
+Channel bits per pixel (what the original code's Dice/Jaccard scores against: the
+six raw channels binarised, so void pixels are set in none and overlap pixels in
+two): bit c is set where raw channel RAW_CHANNEL[c] is non-zero, c in OUR class
+order -- bit 0 background = raw channel 5, bit c = 1..5 = raw channel c - 1.
 
 Every dataset of the pipeline is one HDF5 file (this module is the one place that
 writes them):
   /images  (N, 3, H, W) float32 in [0, 1], chunked one image per chunk
   /masks   (N, H, W) uint8 class ids 0..5
+  /channels (N, H, W) uint8 channel bits 0..63 (above), chunked like /masks;
+           absent from files written before it existed (readers then give None)
   /tissue  (N,) str
   /split/{train,valid,test}  int64 sorted indices
-  attrs: provenance (source, seeds, normalisation, producing model, attack settings)
+  attrs: provenance (source, seeds, normalisation, producing model, attack settings),
+         class_names, overlap_rule, channels_rule (where /channels exists)
+The method sets (mlsys.augment) copy /masks and /channels of the clean training split.
 Files are written beside their destination and renamed on success, so a killed
 stage never leaves a file that looks complete.
 """
@@ -43,6 +51,10 @@ from .params import CLASS_NAMES, DataParams, InputError
 N_CLASSES = len(CLASS_NAMES)
 SPLITS = ("train", "valid", "test")
 OVERLAP_RULE = "lowest channel wins: a pixel set in two class channels takes the first (0..4)"
+# Raw PanNuke channel of each of our class ids 0..5 (ours: 0 background, c = raw c - 1).
+RAW_CHANNEL = (5, 0, 1, 2, 3, 4)
+CHANNELS_RULE = ("bit c of /channels is set where raw PanNuke channel (5, 0, 1, 2, 3, 4)[c] is "
+                 "non-zero; c = our class id (0 background); void pixels have no bit, overlaps two")
 
 
 class DataError(InputError, ValueError):
@@ -55,6 +67,21 @@ def semantic_masks(raw: np.ndarray) -> np.ndarray:
     nucleus = raw[..., :5] != 0                   # compare before any cast: ids exceed 255
     first = nucleus.argmax(axis=-1)               # first non-zero class channel
     return np.where(nucleus.any(axis=-1), first + 1, 0).astype(np.uint8)
+
+
+def channel_bits(raw: np.ndarray) -> np.ndarray:
+    """raw: (N, H, W, 6) PanNuke masks -> (N, H, W) uint8 channel bits 0..63: bit c
+    set where raw channel RAW_CHANNEL[c] is non-zero (c = our class id)."""
+    bits = np.zeros(raw.shape[:-1], np.uint8)
+    for c, k in enumerate(RAW_CHANNEL):
+        bits |= (raw[..., k] != 0).astype(np.uint8) << c   # compare before any cast: ids exceed 255
+    return bits
+
+
+def unpack_channels(bits: torch.Tensor, n_classes: int = N_CLASSES) -> torch.Tensor:
+    """bits: (N, H, W) integer channel bits -> (N, n_classes, H, W) bool, channel c = bit c."""
+    shifts = torch.arange(n_classes, device=bits.device).view(1, -1, 1, 1)
+    return ((bits.long().unsqueeze(1) >> shifts) & 1) == 1
 
 
 def normalise_images(raw: np.ndarray, mode: str) -> np.ndarray:
@@ -290,10 +317,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 class H5Writer:
     """Writes a dataset file image chunk by image chunk (see module docstring)."""
 
-    def __init__(self, f: h5py.File, n: int, size: int, extra: dict[str, tuple] | None = None):
+    def __init__(self, f: h5py.File, n: int, size: int, extra: dict[str, tuple] | None = None,
+                 channels: bool = True):
         self.f = f
         f.create_dataset("images", (n, 3, size, size), np.float32, chunks=(1, 3, size, size))
         f.create_dataset("masks", (n, size, size), np.uint8, chunks=(1, size, size))
+        if channels:
+            f.create_dataset("channels", (n, size, size), np.uint8, chunks=(1, size, size))
+            f.attrs["channels_rule"] = CHANNELS_RULE
         f.create_dataset("tissue", (n,), h5py.string_dtype())
         for name, (shape, dtype) in (extra or {}).items():
             f.create_dataset(name, (n,) + tuple(shape), dtype)
@@ -311,11 +342,14 @@ class H5Writer:
 
 @contextlib.contextmanager
 def create_dataset(path: str | os.PathLike, n: int, size: int, attrs: dict,
-                   splits: dict[str, np.ndarray] | None, extra: dict[str, tuple] | None = None):
+                   splits: dict[str, np.ndarray] | None, extra: dict[str, tuple] | None = None,
+                   channels: bool = True):
     """Open a new dataset file for writing; it appears at ``path`` only on success.
-    ``splits`` None: the caller writes them later (``H5Writer.write_splits``)."""
+    ``splits`` None: the caller writes them later (``H5Writer.write_splits``).
+    ``channels``: the file gets /channels (the writer must fill it); False only for a
+    file made from an older one that has none."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        w = H5Writer(f, n, size, extra)
+        w = H5Writer(f, n, size, extra, channels)
         if splits is not None:
             w.write_splits(splits)
         for key, value in attrs.items():
@@ -342,7 +376,8 @@ def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.nd
             check_raw_chunk(images, masks, f"{where} images {start}..{start + len(images) - 1}")
             sem = semantic_masks(masks)
             counts += np.bincount(sem.ravel(), minlength=N_CLASSES)
-            w.write(start, images=normalise_images(images, cfg.normalise), masks=sem)
+            w.write(start, images=normalise_images(images, cfg.normalise), masks=sem,
+                    channels=channel_bits(masks))
             start += len(images)
             bar.update(len(images))
         if start != n:
@@ -430,6 +465,9 @@ def _check_layout(f: h5py.File, path) -> None:
                         f"expected uint8 {(n,) + images.shape[2:]} to match the images")
     if tissue.shape != (n,):
         raise DataError(f"dataset {path}: tissue has shape {tissue.shape}; expected ({n},)")
+    if "channels" in f and (f["channels"].shape != masks.shape or f["channels"].dtype != np.uint8):
+        raise DataError(f"dataset {path}: channels are {f['channels'].dtype} {f['channels'].shape}; "
+                        f"expected uint8 {masks.shape} like the masks")
     for split in SPLITS:
         idx = f[f"split/{split}"][:]
         if idx.ndim != 1 or idx.dtype.kind not in "iu" or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
@@ -446,16 +484,37 @@ def split_of(path: str | os.PathLike, split: str) -> np.ndarray:
         return f[f"split/{split}"][:]
 
 
-def load_split(path: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n, 3, H, W) float32 in [0, 1] and masks (n, H, W) int64 of one split."""
+def has_channels(path: str | os.PathLike) -> bool:
+    """Whether the file holds /channels (files written before it existed do not)."""
+    with _open(path) as f:
+        return "channels" in f
+
+
+def _read_channels(f: h5py.File, idx: np.ndarray, path) -> torch.Tensor | None:
+    """Channel bits (n, H, W) uint8 of images ``idx``, or None where the file has none."""
+    if "channels" not in f:
+        return None
+    bits = f["channels"][idx]
+    if bits.size and bits.max() >= 1 << N_CLASSES:
+        raise DataError(f"dataset {path}: channels must hold bits of {N_CLASSES} channels "
+                        f"(0..{(1 << N_CLASSES) - 1}), found {int(bits.max())}")
+    return torch.from_numpy(bits)
+
+
+def load_split(path: str | os.PathLike, split: str, channels: bool = False) -> tuple:
+    """Images (n, 3, H, W) float32 in [0, 1] and masks (n, H, W) int64 of one split;
+    with ``channels`` also the channel bits (n, H, W) uint8, or None where the file
+    has no /channels: (images, masks, channels)."""
     with _open(path) as f:
         idx = f[f"split/{split}"][:]
         try:
             images, masks = f["images"][idx], f["masks"][idx]
+            bits = _read_channels(f, idx, path) if channels else None
         except (OSError, ValueError) as err:
             raise DataError(f"dataset {path} is corrupt ({err})") from None
     _check_values(images, masks, path)
-    return torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64))
+    out = torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64))
+    return out + (bits,) if channels else out
 
 
 def _check_values(images: np.ndarray, masks: np.ndarray, path) -> None:
@@ -466,10 +525,11 @@ def _check_values(images: np.ndarray, masks: np.ndarray, path) -> None:
                         f"found {int(masks.max())}")
 
 
-def head(path: str | os.PathLike, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` images and masks of a split (for figures: never the whole set)."""
-    _, images, masks, _ = next(iter_chunks(path, split, n))
-    return images, masks
+def head(path: str | os.PathLike, split: str, n: int, channels: bool = False) -> tuple:
+    """The first ``n`` images and masks of a split (for figures: never the whole set);
+    with ``channels`` also their channel bits or None, as :func:`load_split`."""
+    _, images, masks, _, *bits = next(iter_chunks(path, split, n, channels))
+    return (images, masks, *bits)
 
 
 def image_size(path: str | os.PathLike) -> int:
@@ -477,19 +537,22 @@ def image_size(path: str | os.PathLike) -> int:
         return f["images"].shape[-1]
 
 
-def iter_chunks(path: str | os.PathLike, split: str, chunk: int
-                ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]]:
-    """Stream one split: (indices, images, masks, tissue names) chunk by chunk."""
+def iter_chunks(path: str | os.PathLike, split: str, chunk: int, channels: bool = False) -> Iterator[tuple]:
+    """Stream one split: (indices, images, masks, tissue names) chunk by chunk; with
+    ``channels`` a fifth item, the channel bits (n, H, W) uint8 or None where the
+    file has no /channels."""
     with _open(path) as f:
         idx = f[f"split/{split}"][:]
         for s in range(0, len(idx), chunk):
             part = idx[s:s + chunk]
             try:
                 images, masks, tissue = f["images"][part], f["masks"][part], f["tissue"][part]
+                bits = _read_channels(f, part, path) if channels else None
             except (OSError, ValueError) as err:
                 raise DataError(f"dataset {path} is corrupt ({err})") from None
             _check_values(images, masks, path)
-            yield part, torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64)), tissue
+            out = part, torch.from_numpy(images), torch.from_numpy(masks.astype(np.int64)), tissue
+            yield out + (bits,) if channels else out
 
 
 # --------------------------------------------------------------------------- the prepare stage

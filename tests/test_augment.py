@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,3 +187,35 @@ def test_method_one_chains_a_targeted_pass_per_class(mode):
     want = pgd(model, x, full_area(x, 2), mode=mode, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps)
     want = pgd(model, want, full_area(x, 0), mode=mode, eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps)
     torch.testing.assert_close(picked, want, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- the stage's sets
+@pytest.mark.parametrize("method", ["method1", "method2"])
+def test_method_sets_keep_masks_and_channel_bits(tmp_path, method):
+    """The method sets keep the TRUE masks and the raw-channel bits (the "paper"
+    metric's truth) of the clean training split; from a clean file without /channels
+    (written before it existed) the set has none either."""
+    import h5py
+    from test_data import fake_fold, write_fold
+
+    from mlsys import data
+    from mlsys.augment import build_set
+    from mlsys.params import AugmentParams, DataParams
+
+    images, masks, types = fake_fold(12, SIZE)
+    clean = tmp_path / "clean.h5"
+    data.prepare(DataParams(source="pannuke", pannuke_path=str(write_fold(tmp_path / "src", 2, images, masks,
+                                                                           types)), fold=2), clean, progress=False)
+    cfg = AugmentParams(method1=Method1Params(steps=1, batch_size=3), method2=Method2Params(batch_size=3))
+    model = unet().eval()
+    idx = data.split_of(clean, "train")
+    build_set(method, model, clean, tmp_path / "set.h5", cfg, torch.device("cpu"), {}, progress=False)
+    _, y, bits = data.load_split(tmp_path / "set.h5", "train", channels=True)
+    np.testing.assert_array_equal(bits.numpy(), data.channel_bits(masks)[idx])
+    np.testing.assert_array_equal(y.numpy(), data.semantic_masks(masks)[idx])
+    assert (bits.numpy() != data.channel_bits(masks)[np.roll(idx, 1)]).any()  # the bits distinguish images
+    with h5py.File(clean, "a") as f:
+        del f["channels"]
+    build_set(method, model, clean, tmp_path / "old.h5", cfg, torch.device("cpu"), {}, progress=False)
+    assert not data.has_channels(tmp_path / "old.h5")
+    np.testing.assert_array_equal(data.load_split(tmp_path / "old.h5", "train")[1].numpy(), y.numpy())

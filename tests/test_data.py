@@ -6,6 +6,7 @@ import zipfile
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mlsys import data
 from mlsys.params import DataParams
@@ -72,6 +73,7 @@ def test_pannuke_import(tmp_path, packing):
         np.testing.assert_allclose(f["images"][4], images[4].transpose(2, 0, 1) / 255, rtol=1e-6)
         np.testing.assert_array_equal(f["masks"][:], data.semantic_masks(masks))
         assert [t.decode() for t in f["tissue"][:3]] == ["Breast", "Colon", "Lung"]
+        np.testing.assert_array_equal(f["channels"][:], data.channel_bits(masks))
         assert f.attrs["source"].startswith("pannuke:")
         assert "lowest channel" in f.attrs["overlap_rule"]
         all_idx = np.concatenate([f[f"split/{s}"][:] for s in data.SPLITS])
@@ -97,6 +99,51 @@ def test_pannuke_errors(tmp_path):
     with pytest.raises(data.DataError, match="NaN"):
         data.prepare(cfg, tmp_path / "o.h5", progress=False)
     assert not (tmp_path / "o.h5").exists() and not list(tmp_path.glob(".o.h5*"))
+
+
+def test_channel_bits_mapping():
+    """Bit c = our class id c: background (ours 0) is raw channel 5, class c is raw c - 1."""
+    _, masks, _ = fake_fold()
+    bits = data.channel_bits(masks)
+    assert bits.dtype == np.uint8 and bits.shape == masks.shape[:3]
+    assert (bits[0, 1:3, 1:3] == 0b10).all()           # id 1000 in raw 0 -> neoplastic (bit 1), no wrap
+    assert bits[0, 4, 4] == 0b100                       # id 256 in raw 1 -> inflammatory (bit 2)
+    assert bits[1, 2, 2] == (1 << 3) | (1 << 5)         # overlap: raw 2 and 4 -> bits 3 and 5
+    assert bits[1, 5, 5] == 0 and (bits[2] == 0).all()  # void: no bit (the semantic label says 0)
+    assert bits[3, 0, 0] == 1 << 4 and bits[3, 1, 1] == 1  # dead (raw 3) -> bit 4; background -> bit 0
+    chans = data.unpack_channels(torch.from_numpy(bits))
+    assert chans.shape == (9, 6, 8, 8)
+    for c, k in enumerate([5, 0, 1, 2, 3, 4]):
+        np.testing.assert_array_equal(chans[:, c].numpy(), masks[..., k] != 0)
+
+
+def test_readers_channels_keyword(tmp_path):
+    images, masks, types = fake_fold()
+    base = write_fold(tmp_path / "src", 2, images, masks, types)
+    out = tmp_path / "clean.h5"
+    data.prepare(DataParams(source="pannuke", pannuke_path=str(base), fold=2), out, progress=False)
+    idx = data.split_of(out, "train")
+    assert len(data.load_split(out, "train")) == 2 and len(data.head(out, "train", 3)) == 2
+    assert len(next(data.iter_chunks(out, "train", 4))) == 4      # the old callers' shapes
+    x, y, bits = data.load_split(out, "train", channels=True)
+    np.testing.assert_array_equal(bits.numpy(), data.channel_bits(masks)[idx])
+    _, _, hbits = data.head(out, "train", 3, channels=True)
+    np.testing.assert_array_equal(hbits.numpy(), data.channel_bits(masks)[idx[:3]])
+    chunks = [c[4] for c in data.iter_chunks(out, "train", 4, channels=True)]
+    np.testing.assert_array_equal(np.concatenate(chunks), bits.numpy())
+    assert data.has_channels(out)
+    with h5py.File(out, "a") as f:
+        f["channels"][idx[0], 0, 0] = 64                          # a seventh channel
+    with pytest.raises(data.DataError, match="bits of 6 channels"):
+        data.load_split(out, "train", channels=True)
+    with h5py.File(out, "a") as f:                                # an older file: no /channels
+        del f["channels"]
+    assert not data.has_channels(out) and data.load_split(out, "train", channels=True)[2] is None
+    assert data.head(out, "train", 2, channels=True)[2] is None
+    with h5py.File(out, "a") as f:
+        f["channels"] = np.zeros((9, 4, 4), np.uint8)
+    with pytest.raises(data.DataError, match="channels are uint8"):
+        data.load_split(out, "train")
 
 
 def test_split_sizes_match_paper():
@@ -126,6 +173,10 @@ def test_synthetic_prepare_and_load(tmp_path):
     assert 0 <= float(x.min()) and float(x.max()) <= 1 and y.max() <= 5
     chunks = list(data.iter_chunks(out, "train", 5))
     assert sum(len(c[0]) for c in chunks) == sizes["train"]
+    from mlsys.synthetic import generate                   # the synthetic path keeps the bits too
+    _, raw, _ = generate(18, 16, cfg.synthetic_seed, progress=False)
+    bits = data.load_split(out, "train", channels=True)[2].numpy()
+    np.testing.assert_array_equal(bits, data.channel_bits(raw)[data.split_of(out, "train")])
 
 
 def test_corrupt_and_incomplete_h5(tmp_path):

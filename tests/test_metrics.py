@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, log_loss
 
 from mlsys.evaluate import SegMetrics
@@ -48,7 +49,7 @@ def test_paper_variant_matches_sklearn_micro_multilabel():
     m = SegMetrics(threshold=0.1)
     m.update(logits, masks)
     r = m.result()
-    fired = (logits.softmax(1) > 0.1).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+    fired = (logits.softmax(1) >= 0.1).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
     truth = torch.nn.functional.one_hot(masks, 6).reshape(-1, 6).numpy()
     assert r["paper_dice"] == pytest.approx(f1_score(truth, fired, average="micro"))
     assert r["paper_jaccard"] == pytest.approx(jaccard_score(truth, fired, average="micro"))
@@ -63,3 +64,189 @@ def test_merge_equals_single_pass():
     ra, rw = a.merge(b).result(), whole.result()
     for k in rw:
         assert (math.isnan(rw[k]) and math.isnan(ra[k])) or ra[k] == pytest.approx(rw[k])
+
+
+# --------------------------------------------------------------------------- the authors' "paper" truth
+RAW_ORDER = [1, 2, 3, 4, 5, 0]  # our class id of raw PanNuke channels 0..5 (5 = background)
+RAW_OF_OURS = [5, 0, 1, 2, 3, 4]  # raw PanNuke channel of our class ids 0..5
+
+
+def paper_fold(tmp_path, n: int = 9, size: int = 8):
+    """A PanNuke fold written as real .npy files (the importer tests' layout) with many
+    void pixels (zero in all six channels) and overlap pixels (two class channels),
+    imported by :func:`mlsys.data.prepare`. Returns (HDF5 path, raw masks (n, H, W, 6))."""
+    from test_data import fake_fold, write_fold
+
+    from mlsys import data
+    from mlsys.params import DataParams
+
+    images, masks, types = fake_fold(n, size)
+    rng = np.random.default_rng(5)
+    for i in range(3, n):                                  # random nuclei on the later patches
+        u = rng.random((size, size))
+        cls = rng.integers(0, 5, (size, size))
+        for k in range(5):
+            hit = (u < 0.4) & (cls == k)
+            masks[i, ..., k][hit] = rng.integers(1, 3000, hit.sum())
+            masks[i, ..., 5][hit] = 0
+        masks[i][(u >= 0.4) & (u < 0.5)] = 0               # void
+        over = (u < 0.4) & (rng.random((size, size)) < 0.25)   # a second class channel
+        second = (cls + 1 + rng.integers(0, 4, (size, size))) % 5
+        for k in range(5):
+            masks[i, ..., k][over & (second == k)] = 77.0
+    base = write_fold(tmp_path / "src", 2, images, masks, types)
+    out = tmp_path / "clean.h5"
+    data.prepare(DataParams(source="pannuke", pannuke_path=str(base), fold=2, normalise="255"), out,
+                 progress=False)
+    return out, masks
+
+
+def authors_counts(prob: np.ndarray, raw: np.ndarray, threshold: float = 0.1) -> tuple[int, int, int]:
+    """The original code's pooled counts, re-done in plain numpy from the raw masks.
+    prob: (N, 6, H, W) softmax in our class order; raw: (N, H, W, 6) PanNuke masks."""
+    p = prob[:, RAW_ORDER].transpose(0, 2, 3, 1)          # -> raw channel order, channels last
+    pred = np.where(p < threshold, 0, 1)
+    b = (raw != 0).astype(np.int64)                       # binarised instance ids, channel 5 as given
+    return int(np.sum(pred + b > 1)), int(np.sum(b - pred < 0)), int(np.sum(b - pred == 1))
+
+
+def test_channel_bits_follow_the_raw_channels(tmp_path):
+    from mlsys import data
+
+    out, raw = paper_fold(tmp_path)
+    bits = data.load_split(out, "train", channels=True)[2]
+    idx = data.split_of(out, "train")
+    chans = data.unpack_channels(bits).numpy()              # (n, 6, H, W) in our class order
+    np.testing.assert_array_equal(chans, (raw[idx] != 0)[..., RAW_OF_OURS].transpose(0, 3, 1, 2))
+    void, over = (raw[idx] == 0).all(-1), (raw[idx][..., :5] != 0).sum(-1) == 2
+    assert void.sum() > 20 and over.sum() > 10               # the fixture has both cases ...
+    assert (bits.numpy()[void] == 0).all()                   # ... void: no channel
+    assert (chans.sum(1)[over] == 2).all()                   # ... overlap: two channels
+
+
+def test_paper_variant_equals_the_authors_counts(tmp_path):
+    from mlsys import data
+
+    out, raw = paper_fold(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    logits_all = torch.randn(len(raw), 6, 8, 8, generator=g) * 1.5
+    m = SegMetrics()
+    prob, seen = [], []
+    for split in data.SPLITS:                                # every patch, in chunks of 2
+        for idx, _, masks, _, bits in data.iter_chunks(out, split, 2, channels=True):
+            logits = logits_all[idx]
+            m.update(logits, masks, bits)
+            prob.append(logits.softmax(1).numpy())
+            seen.append(idx)
+    tp, fp, fn = authors_counts(np.concatenate(prob), raw[np.concatenate(seen)])
+    assert m.paper.tolist() == [tp, fp, fn]
+    r = m.result()
+    assert r["paper_dice"] == 2 * tp / (2 * tp + fp + fn) and r["paper_jaccard"] == tp / (tp + fp + fn)
+    assert r["paper_truth_raw"] == 1.0 and m.paper_truth == "raw channels"
+    # state / from_state / merge keep the counts and the truth flag exactly
+    back = SegMetrics.from_state(m.state(), 6, 0.1)
+    assert back.paper.tolist() == [tp, fp, fn] and back.paper_truth == "raw channels"
+    semantic = SegMetrics()
+    semantic.update(logits, masks)                           # the last chunk again, without its bits
+    assert semantic.paper_truth == "semantic" and back.merge(semantic).paper_truth == "mixed"
+
+
+def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
+    from mlsys import data
+    from mlsys.distributed import ChunkStore
+    from mlsys.evaluate import evaluate, evaluate_split
+    from mlsys.model import UNet
+    from mlsys.params import AttackParams, EvaluateParams
+
+    out, raw = paper_fold(tmp_path)
+    torch.manual_seed(0)
+    model = UNet(n_classes=6, base=4, depth=2).eval()
+    images, masks, bits = data.load_split(out, "test", channels=True)
+    with torch.no_grad():
+        prob = model(images).softmax(1).numpy()
+    expect = authors_counts(prob, raw[data.split_of(out, "test")])
+    r = evaluate(model, images, masks, 8, torch.device("cpu"), channels=bits)
+    tp, fp, fn = expect
+    assert r["paper_dice"] == 2 * tp / (2 * tp + fp + fn) and r["paper_truth_raw"] == 1.0
+    cfg = EvaluateParams(attack=AttackParams(steps=1, batch_size=8))
+    clean, attacked, _ = evaluate_split(model, str(out), "test", cfg, torch.device("cpu"),
+                                        ChunkStore(tmp_path / "store", {}), progress=False)
+    assert clean.paper.tolist() == list(expect) and clean.paper_truth == "raw channels"
+    assert attacked.paper_truth == "raw channels"
+    # a file written before /channels existed: the semantic one-hot, and the result says so
+    import h5py
+    with h5py.File(out, "a") as f:
+        del f["channels"]
+    assert data.load_split(out, "test", channels=True)[2] is None
+    clean, _, _ = evaluate_split(model, str(out), "test", cfg, torch.device("cpu"),
+                                 ChunkStore(tmp_path / "store2", {}), progress=False)
+    assert clean.paper_truth == "semantic" and clean.result()["paper_truth_raw"] == 0.0
+    onehot = np.eye(6)[masks.numpy()].transpose(0, 3, 1, 2)
+    fired = prob >= 0.1
+    assert clean.paper.tolist() == [(fired & (onehot == 1)).sum(), (fired & (onehot == 0)).sum(),
+                                    (~fired & (onehot == 1)).sum()]
+
+
+@pytest.mark.parametrize("n_classes, with_bits", [(4, False), (6, True)])
+def test_threshold_is_inclusive(n_classes, with_bits):
+    """Equal logits give every channel exactly the same probability p; with threshold p
+    every channel fires (original code: np.where(prob < thr, 0, 1)); with '>' none would."""
+    logits = torch.zeros(2, n_classes, 3, 5)
+    p = float(logits.softmax(1)[0, 0, 0, 0])                # 0.25 exactly for 4 classes
+    assert n_classes != 4 or p == 0.25
+    masks = torch.randint(0, n_classes, (2, 3, 5), generator=torch.Generator().manual_seed(0))
+    bits = torch.tensor([0, 1, 6, 33, 63, 2], dtype=torch.uint8)[torch.randint(0, 6, (2, 3, 5))] \
+        if with_bits else None
+    m = SegMetrics(n_classes=n_classes, threshold=p)
+    m.update(logits, masks, bits)
+    set_ = int(bits.long().apply_(lambda v: bin(v).count("1")).sum()) if with_bits else masks.numel()
+    assert m.paper.tolist() == [set_, n_classes * masks.numel() - set_, 0]
+    above = SegMetrics(n_classes=n_classes, threshold=float(np.nextafter(np.float32(p), np.float32(1))))
+    above.update(logits, masks, bits)
+    assert above.paper.tolist() == [0, 0, set_]
+
+
+def test_raw_vs_semantic_truth_difference(tmp_path):
+    """What the raw-channel truth changes against the semantic one-hot on the fixture
+    (numbers quoted in mlsys/evaluate.py's docstring): a void pixel's background
+    channel stops being truth, an overlap pixel's second class channel becomes truth."""
+    from mlsys import data
+
+    out, raw = paper_fold(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    raw_m, sem_m, oracle_raw, oracle_sem = SegMetrics(), SegMetrics(), SegMetrics(), SegMetrics()
+    delta = np.zeros(3, np.int64)
+    for split in data.SPLITS:
+        for idx, _, masks, _, bits in data.iter_chunks(out, split, 4, channels=True):
+            logits = torch.randn(len(idx), 6, 8, 8, generator=g) * 1.5
+            raw_m.update(logits, masks, bits)
+            sem_m.update(logits, masks)
+            perfect = 20.0 * F.one_hot(masks, 6).permute(0, 3, 1, 2).float()  # the semantic label, sure
+            oracle_raw.update(perfect, masks, bits)
+            oracle_sem.update(perfect, masks)
+            # expected change, pixel by pixel from the raw masks
+            fired = (logits.softmax(1) >= 0.1).numpy()
+            r = raw[idx]
+            void = (r == 0).all(-1)
+            d_tp = -(void & fired[:, 0]).sum()               # void, bg fired: TP -> FP
+            d_fp = (void & fired[:, 0]).sum()
+            d_fn = -(void & ~fired[:, 0]).sum()              # void, bg silent: FN -> TN
+            first = masks.numpy()
+            for c in range(1, 6):
+                extra = (r[..., c - 1] != 0) & (first != c)  # truth only in the raw channels
+                d_tp += (extra & fired[:, c]).sum()          # fired: FP -> TP
+                d_fp -= (extra & fired[:, c]).sum()
+                d_fn += (extra & ~fired[:, c]).sum()         # silent: TN -> FN
+            delta += [d_tp, d_fp, d_fn]
+    assert (raw_m.paper - sem_m.paper).tolist() == delta.tolist() and (delta != 0).all()
+    # the standard variant and every other count do not depend on the truth used
+    for k, v in sem_m.result().items():
+        if not k.startswith("paper"):
+            assert (math.isnan(v) and math.isnan(raw_m.result()[k])) or raw_m.result()[k] == v
+    rr, rs = raw_m.result(), sem_m.result()
+    print(f"\nfixture: paper_dice raw {rr['paper_dice']:.4f} semantic {rs['paper_dice']:.4f}; "
+          f"paper_jaccard raw {rr['paper_jaccard']:.4f} semantic {rs['paper_jaccard']:.4f}; "
+          f"semantic-perfect prediction: raw {oracle_raw.result()['paper_dice']:.4f} "
+          f"semantic {oracle_sem.result()['paper_dice']:.4f}; void {(raw == 0).all(-1).sum()} "
+          f"overlap {((raw[..., :5] != 0).sum(-1) == 2).sum()} of {raw[..., 0].size} pixels")
+    assert oracle_sem.result()["paper_dice"] == 1.0 and oracle_raw.result()["paper_dice"] < 1.0
