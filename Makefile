@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test ui clean-venv
+.PHONY: setup repro test test-fast ui clean-venv
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# the edit-test loop: everything but the end-to-end pipeline runs (README, "Tests")
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 ui: $(STAMP)
 	$(VENV)/bin/python -m mlsys ui

@@ -206,15 +206,15 @@ def _augment_stage(p, method: str, seed: int, shard_spec: str | None, group) -> 
     mcfg = getattr(p.augment, method)
     weights, out, stage = paths.weights("model1", seed), paths.dataset(method, seed), \
         paths.stage_name("augment", method, seed)
-    require(paths.CLEAN, "prepare")
-    require(weights, paths.stage_name("train", "model1", seed))
-    if method == "method2":
-        ops.require_current()
     params = {f"augment.{method}.{k}": v for k, v in section_dict(mcfg).items()}
     run = tracking.stage_run(stage, params, p.tracking.experiment,
                              {"mlsys.stage": "augment", "mlsys.method": method, "mlsys.seed": str(seed),
                               "mlsys.ops_backend": ops.build_id()}) if main else contextlib.nullcontext()
-    with run:
+    with run:  # a refused stage (missing input, stale kernels) ends its run FAILED, leaving nothing behind
+        require(paths.CLEAN, "prepare")
+        require(weights, paths.stage_name("train", "model1", seed))
+        if method == "method2":
+            ops.require_current()
         device = group.device if group else pick_device(p.augment.device)
         model = load_weights(weights, p.model).to(device).eval()
         if main:

@@ -56,6 +56,26 @@ def cmd_compare(args, p) -> None:
     print(report.compare(p, args.parent))
 
 
+def cmd_paper(args, p) -> None:
+    """`dvc exp run` of the paper's configuration (params.PAPER) on your PanNuke fold."""
+    import json
+    import shlex
+
+    from .data import DataError
+    from .params import PAPER
+
+    if not Path(args.pannuke).exists():
+        raise DataError(f"{args.pannuke} does not exist; expected your PanNuke fold zip (e.g. fold_2.zip) "
+                        "or its unpacked 'Fold 2' folder")
+    sets = {**PAPER, "data.pannuke_path": str(Path(args.pannuke).resolve()), "data.fold": args.fold}
+    cmd = [str(Path(sys.executable).with_name("dvc")), "exp", "run", "-n", args.name]
+    for key, value in sets.items():
+        cmd += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    print(shlex.join(cmd), flush=True)
+    if not args.dry_run:
+        os.execv(cmd[0], cmd)
+
+
 def cmd_ui(args, p) -> None:
     from . import tracking
 
@@ -128,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="write Tables 1 and 2 and the figures to reports/")
     s = sub.add_parser("compare", help="print Tables 1 and 2 from the MLflow runs")
     s.add_argument("--parent", help="pipeline parent run id (default: the latest pipeline)")
+    s = sub.add_parser("paper", help="run the paper's experiment (the authors' settings) on your PanNuke fold "
+                                     "as the DVC experiment `paper`")
+    s.add_argument("pannuke", help="your PanNuke fold: the downloaded zip (fold_2.zip) or its unpacked folder")
+    s.add_argument("--fold", type=int, default=2, help="fold number inside it (default: 2, as the paper)")
+    s.add_argument("--name", default="paper", help="DVC experiment name (default: paper)")
+    s.add_argument("--dry-run", action="store_true", help="print the `dvc exp run` command, run nothing")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store")
     s = sub.add_parser("server", help="start an MLflow tracking server (database backend, served artifacts)")
     for listener in (ui, s):
@@ -149,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "augment": cmd_augment, "evaluate": cmd_evaluate,
-            "report": cmd_report, "compare": cmd_compare, "ui": cmd_ui, "server": cmd_server,
+            "report": cmd_report, "compare": cmd_compare, "paper": cmd_paper, "ui": cmd_ui, "server": cmd_server,
             "runs": cmd_runs}
 
 

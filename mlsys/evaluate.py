@@ -251,14 +251,14 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
     shard = Shard.parse(shard_spec) if shard_spec else Shard()
     main = is_main(group) and shard.count == 1  # the process that logs and writes
     weights, stage = paths.weights(name, seed), paths.stage_name("evaluate", name, seed)
-    require(paths.CLEAN, "prepare")
-    require(weights, paths.stage_name("train", name, seed))
     params = {f"evaluate.{k}": v for k, v in section_dict(cfg).items()}
     run = tracking.stage_run(stage, params, p.tracking.experiment,
                              {"mlsys.stage": "evaluate", "mlsys.model": name, "mlsys.method": method_tag(name),
                               "mlsys.attack_mode": acfg.mode, "mlsys.seed": str(seed)}) \
         if main else contextlib.nullcontext()
-    with run:
+    with run:  # a refused stage (missing input) ends its run FAILED, leaving no output behind
+        require(paths.CLEAN, "prepare")
+        require(weights, paths.stage_name("train", name, seed))
         device = group.device if group else pick_device(p.train.device)
         model = load_weights(weights, p.model).to(device).eval()
         out = Path(paths.eval_metrics(name, seed))
@@ -274,7 +274,7 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
                 print(f"{stage} shard {shard}: chunks in {store.folder}; run without --shard to merge")
             return
         clean, attacked, panel = done
-        res = {"clean": clean.result(), "attack": attacked.result(),
+        res = {"clean": clean.result(), "attack": attacked.result(), "paper_truth": clean.paper_truth,
                "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
                                    "target": acfg.target, "alpha": acfg.alpha}}
         mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})

@@ -142,7 +142,7 @@ def save(fig, path) -> None:
 
 
 METRIC_TITLES = {"accuracy": "pixel accuracy", "dice": "Dice (standard: nucleus classes, macro)",
-                 "paper_dice": "Dice (paper: softmax > 0.1, pooled)", "jaccard": "Jaccard (standard)",
+                 "paper_dice": "Dice (paper: softmax >= 0.1, raw channels, pooled)", "jaccard": "Jaccard (standard)",
                  "paper_jaccard": "Jaccard (paper)"}
 
 

@@ -260,7 +260,8 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
             bar.set_postfix(loss=f"{total / seen:.4f}")
         total, seen = all_sum(torch.tensor([total, seen], dtype=torch.float64), group).tolist()
         lo, hi = rank * len(valid[0]) // world, (rank + 1) * len(valid[0]) // world
-        val = evaluate(model, valid[0][lo:hi], valid[1][lo:hi], cfg.batch_size, device, group=group)
+        bits = valid[2][lo:hi] if len(valid) > 2 and valid[2] is not None else None  # the paper metric's truth
+        val = evaluate(model, valid[0][lo:hi], valid[1][lo:hi], cfg.batch_size, device, group=group, channels=bits)
         row = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": total / seen,
                "valid_loss": val["loss"], "valid_accuracy": val["accuracy"],
                "valid_dice": val["dice"], "valid_jaccard": val["jaccard"],
@@ -302,7 +303,7 @@ def training_data(name: str, seed: int):
         require(path, "prepare" if s == "clean" else paths.stage_name("augment", s, seed))
     parts = [load_split(path, "train") for path in sets]
     return sets, (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), \
-        load_split(paths.CLEAN, "valid")
+        load_split(paths.CLEAN, "valid", channels=True)
 
 
 def main(p, name: str, seed: int, argv: list[str]) -> None:
@@ -363,11 +364,11 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
         model.cpu().eval()
         save_weights(model, p.model, weights, {"model": name, "seed": seed, "sets": list(MODELS[name]),
                                                "epochs": epochs})
-        best = min(history, key=lambda r: r["valid_loss"])
-        summary = {"best/epoch": best["epoch"], "best/valid_loss": best["valid_loss"],
-                   "best/valid_dice": best["valid_dice"], "final/valid_loss": history[-1]["valid_loss"],
-                   "final/valid_dice": history[-1]["valid_dice"],
-                   "final/valid_accuracy": history[-1]["valid_accuracy"], "n_train_images": len(train[0])}
+        kept = history[kept_epoch(history, cfg.keep)]  # the weights saved: train.keep
+        summary = {"kept/epoch": kept["epoch"], "kept/valid_loss": kept["valid_loss"],
+                   "kept/valid_dice": kept["valid_dice"], "kept/valid_accuracy": kept["valid_accuracy"],
+                   "last/valid_loss": history[-1]["valid_loss"], "last/valid_dice": history[-1]["valid_dice"],
+                   "n_train_images": len(train[0])}
         mlflow.log_metrics(summary)
         # the registry (report stage) finds this run's model by the md5 DVC records for the weights
         mlflow.set_tag("mlsys.weights_md5", file_md5(weights))
@@ -385,5 +386,5 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
         if p.tracking.log_model:
             tracking.log_model(model, valid[0][:2])
         Path(checkpoint).unlink(missing_ok=True)  # done: the next run starts fresh
-        print(f"{paths.stage_name('train', name, seed)}: {epochs} epochs, final valid loss "
-              f"{history[-1]['valid_loss']:.4f}, dice {history[-1]['valid_dice']:.4f}")
+        print(f"{paths.stage_name('train', name, seed)}: {epochs} epochs, kept epoch {kept['epoch']} "
+              f"({cfg.keep}): valid loss {kept['valid_loss']:.4f}, dice {kept['valid_dice']:.4f}")

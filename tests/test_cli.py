@@ -42,9 +42,33 @@ def test_failing_stage_ends_its_run_failed(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")          # marks the project root
     out = mlsys(tmp_path, "evaluate", "model1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert "weights models/model1.pt do not exist" in out.stderr
+    assert "data/clean.h5 does not exist; it is made by the prepare stage" in out.stderr
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mlsys").experiment_id])
-    assert [(r.info.run_name, r.info.status) for r in runs] == [("evaluate@model1", "FAILED")]
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("evaluate-model1@0", "FAILED")]
     debug = mlsys(tmp_path, "--debug", "evaluate", "model1")
     assert "Traceback" in debug.stderr
+
+
+def test_paper_command_sets_every_authors_choice_and_validates(tmp_path):
+    import shlex
+
+    import yaml
+
+    from mlsys.params import PAPER, Params, _build, with_overrides
+
+    (tmp_path / "fold_2.zip").write_bytes(b"")
+    out = mlsys(tmp_path, "--params", str(ROOT / "params.yaml"), "paper", "fold_2.zip", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout.strip())
+    assert argv[1:5] == ["exp", "run", "-n", "paper"] and argv[0].endswith("dvc")
+    sets = dict(a.split("=", 1) for a in argv[6::2])
+    assert set(PAPER) | {"data.pannuke_path"} == set(sets)
+    assert sets["model.variant"] == "original" and sets["train.keep"] == "best" and sets["data.split"] == "[6, 1, 2]"
+    assert sets["data.pannuke_path"] == str(tmp_path / "fold_2.zip")
+    raw = with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                         {k: yaml.safe_load(v) for k, v in sets.items()})
+    p = _build(Params, raw, "").validate()                   # the preset is a valid configuration
+    assert (p.model.base, p.evaluate.attack.steps, p.augment.method1.steps) == (64, 100, 100)
+    missing = mlsys(tmp_path, "paper", "nowhere.zip", "--dry-run")
+    assert missing.returncode == 2 and "nowhere.zip does not exist" in missing.stderr

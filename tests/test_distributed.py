@@ -56,28 +56,28 @@ def test_two_process_ddp_training_matches_one_process(tmp_path):
     t0 = time.monotonic()
     run(repo, *MLSYS, "--params", one, "train", "model1", env=env)
     t1 = time.monotonic()
-    single = state_dict(repo / "models/model1.pt")
-    (repo / "models/model1.pt").unlink()
+    single = state_dict(repo / "models/seed0/model1.pt")
+    (repo / "models/seed0/model1.pt").unlink()
 
-    out = run(repo, "dvc", "repro", "train@model1", env=env)   # params.yaml: 2 processes
+    out = run(repo, "dvc", "repro", "train-model1@0", env=env)   # params.yaml: 2 processes
     t2 = time.monotonic()
     print(f"\nmicro training, 2 epochs on 18 images: 1 process {t1 - t0:.1f} s, "
           f"2 processes (dvc repro, torchrun) {t2 - t1:.1f} s")
     assert "--nproc-per-node=2" in out.stdout + out.stderr, "the stage was launched under torchrun"
-    double = state_dict(repo / "models/model1.pt")
+    double = state_dict(repo / "models/seed0/model1.pt")
     assert single.keys() == double.keys()
     worst = max(float((single[k] - double[k]).abs().max()) for k in single)
     assert worst < 1e-5, f"2-process weights differ from 1-process by {worst}"
     assert any(not torch.equal(single[k], double[k]) for k in single) or worst == 0
 
     _, runs = runs_of(repo)
-    train = [r for r in runs if r.info.run_name == "train@model1"]
+    train = [r for r in runs if r.info.run_name == "train-model1@0"]
     assert len(train) == 2, [r.info.run_name for r in runs]  # one per invocation, not per rank
     ddp = next(r for r in train if r.data.params["train.processes"] == "2")
     assert ddp.info.status == "FINISHED" and ddp.data.params["train.batch_per_process"] == "3"
     assert ddp.data.tags.get("mlflow.parentRunId"), "the torchrun stage is a child of the dvc pipeline run"
     assert len(client_history(ddp.info.run_id, repo)) == 2, "each epoch logged once (rank 0)"
-    assert not (repo / "checkpoints/model1.pt").exists()
+    assert not (repo / "checkpoints/seed0/model1.pt").exists()
 
 
 def client_history(run_id: str, repo: Path):
@@ -90,8 +90,8 @@ def test_shards_and_ranks_merge_into_the_single_process_outputs(pipeline, tmp_pa
     ref = pipeline[0]
     repo = clone(ref, tmp_path / "sharded")
     env = env_for(repo)
-    (repo / "data/method2.h5").unlink()
-    (repo / "metrics/eval/model2.json").unlink()
+    (repo / "data/seed0/method2.h5").unlink()
+    (repo / "metrics/eval/seed0/model2.json").unlink()
 
     # independent processes, running at the same time, then the merge
     procs = [subprocess.Popen([*MLSYS, "augment", "method2", "--shard", f"{i}/2"], cwd=repo, env=env,
@@ -99,31 +99,31 @@ def test_shards_and_ranks_merge_into_the_single_process_outputs(pipeline, tmp_pa
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stdout.read()
         p.stdout.close()
-    assert not (repo / "data/method2.h5").exists(), "a shard alone writes no dataset"
-    assert len(list((repo / "data/.method2.h5.partial").glob("*.npz"))) == 3  # 18 images, chunks of 8
+    assert not (repo / "data/seed0/method2.h5").exists(), "a shard alone writes no dataset"
+    assert len(list((repo / "data/seed0/.method2.h5.partial").glob("*.npz"))) == 3  # 18 images, chunks of 8
     merged = run(repo, *MLSYS, "augment", "method2", env=env)
     assert "resumed 18 of 18 images" in merged.stdout
-    assert (repo / "data/method2.h5").read_bytes() == (ref / "data/method2.h5").read_bytes()
-    assert not (repo / "data/.method2.h5.partial").exists()
+    assert (repo / "data/seed0/method2.h5").read_bytes() == (ref / "data/seed0/method2.h5").read_bytes()
+    assert not (repo / "data/seed0/.method2.h5.partial").exists()
 
     for i in (2, 0, 1):
         run(repo, *MLSYS, "evaluate", "model2", "--shard", f"{i}/3", env=env)
     run(repo, *MLSYS, "evaluate", "model2", env=env)
-    assert metrics(repo / "metrics/eval/model2.json") == metrics(ref / "metrics/eval/model2.json")
+    assert metrics(repo / "metrics/eval/seed0/model2.json") == metrics(ref / "metrics/eval/seed0/model2.json")
 
     # torchrun ranks (gloo): rank 0 gathers the chunks and writes
     two = with_params(repo, "two.yaml", {"distributed": {"nproc": {"augment": 2, "evaluate": 2}}})
-    (repo / "data/method2.h5").unlink()
+    (repo / "data/seed0/method2.h5").unlink()
     run(repo, *MLSYS, "--params", two, "augment", "method2", env=env)
-    assert (repo / "data/method2.h5").read_bytes() == (ref / "data/method2.h5").read_bytes()
+    assert (repo / "data/seed0/method2.h5").read_bytes() == (ref / "data/seed0/method2.h5").read_bytes()
     run(repo, *MLSYS, "--params", two, "evaluate", "model2", env=env)
-    assert metrics(repo / "metrics/eval/model2.json") == metrics(ref / "metrics/eval/model2.json")
+    assert metrics(repo / "metrics/eval/seed0/model2.json") == metrics(ref / "metrics/eval/seed0/model2.json")
 
     _, runs = runs_of(repo)  # the clone's store is new: shards log nothing, each merge one run
-    assert sorted(r.info.run_name for r in runs) == ["augment@method2"] * 2 + ["evaluate@model2"] * 2
+    assert sorted(r.info.run_name for r in runs) == ["augment-method2@0"] * 2 + ["evaluate-model2@0"] * 2
     assert all(r.info.status == "FINISHED" for r in runs)
     # DVC sees the very output it recorded (evaluate's metrics differ only in their run id)
-    assert run(repo, "dvc", "status", "augment@method2", env=env).stdout.strip() == \
+    assert run(repo, "dvc", "status", "augment-method2@0", env=env).stdout.strip() == \
         "Data and pipelines are up to date."
 
 
@@ -191,11 +191,11 @@ def test_killing_one_rank_fails_the_stage_cleanly(tmp_path):
     repo = make_repo(tmp_path / "repo", merge(json.loads(json.dumps(MICRO)), {
         "train": {"epochs": 400}, "distributed": {"nproc": {"train": 2}, "timeout_s": 60}}))
     env = env_for(repo)
-    proc = subprocess.Popen(["dvc", "repro", "train@model1"], cwd=repo, env=env, start_new_session=True,
+    proc = subprocess.Popen(["dvc", "repro", "train-model1@0"], cwd=repo, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not (repo / "checkpoints/model1.pt").exists():  # training is under way (epoch 1 done)
+        while not (repo / "checkpoints/seed0/model1.pt").exists():  # training is under way (epoch 1 done)
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "the 2-process training never finished an epoch"
             time.sleep(0.1)
@@ -214,21 +214,21 @@ def test_killing_one_rank_fails_the_stage_cleanly(tmp_path):
     _, runs = runs_of(repo)
     status = {r.info.run_name: r.info.status for r in runs}
     print(f"\nthe stage ended {waited:.1f} s after rank 1 was killed (exit status {code}; run {status})")
-    assert code != 0 and "failed to reproduce 'train@model1'" in output, output[-3000:]
-    assert not (repo / "models/model1.pt").exists()
+    assert code != 0 and "failed to reproduce 'train-model1@0'" in output, output[-3000:]
+    assert not (repo / "models/seed0/model1.pt").exists()
     deadline = time.monotonic() + 30
     while _still_alive(tree) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _still_alive(tree), "every process of the stage is gone"
-    assert status["train@model1"] in ("KILLED", "FAILED"), status
+    assert status["train-model1@0"] in ("KILLED", "FAILED"), status
     assert "RUNNING" not in status.values(), status
 
     # the same stage again: both ranks resume from rank 0's checkpoint and finish
-    assert (repo / "checkpoints/model1.pt").exists()
-    again = run(repo, "dvc", "repro", "train@model1", env=env)
-    assert "train: resumed from checkpoints/model1.pt after epoch" in again.stdout + again.stderr
+    assert (repo / "checkpoints/seed0/model1.pt").exists()
+    again = run(repo, "dvc", "repro", "train-model1@0", env=env)
+    assert "train: resumed from checkpoints/seed0/model1.pt after epoch" in again.stdout + again.stderr
     assert "(all 2 processes)" in again.stdout + again.stderr
-    assert (repo / "models/model1.pt").exists() and not (repo / "checkpoints/model1.pt").exists()
+    assert (repo / "models/seed0/model1.pt").exists() and not (repo / "checkpoints/seed0/model1.pt").exists()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):
         run(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.attack.eps={eps}")
     out = run(repo, "dvc", "exp", "run", "--run-all").stdout
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    evaluate = ["evaluate@model1", "evaluate@model2", "evaluate@model3", "evaluate@model4"]
+    evaluate = ["evaluate-model1@0", "evaluate-model2@0", "evaluate-model3@0", "evaluate-model4@0"]
     assert sorted(ran) == sorted(2 * (evaluate + ["report"])), "only what depends on evaluate.* runs"
 
     client, runs = runs_of(repo)
@@ -38,4 +38,4 @@ def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):
         metrics = exps[name]["data"]["metrics"]
         run_id = metrics["metrics/report.json"]["data"]["mlflow"]["pipeline_run_id"]
         assert client.get_run(run_id).data.tags["dvc.experiment"] == name
-        assert 0 <= metrics["metrics/eval/model1.json"]["data"]["attack"]["dice"] <= 1
+        assert 0 <= metrics["metrics/eval/seed0/model1.json"]["data"]["attack"]["dice"] <= 1

@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from micro import STAGES, run, runs_of
+from micro import PIPELINE_SEEDS, run, runs_of, stages
 
 
 def test_repro_logs_parent_and_stage_runs(pipeline):
@@ -17,15 +17,16 @@ def test_repro_logs_parent_and_stage_runs(pipeline):
     parents = [r for r in runs if r.data.tags.get("mlsys.kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == STAGES
+    assert set(children) == stages(PIPELINE_SEEDS)
+    assert {children[f"train-model2@{s}"].data.tags["mlsys.seed"] for s in PIPELINE_SEEDS} == {"0", "1"}
     assert all(r.info.status == "FINISHED" for r in children.values())
 
-    train = children["train@model1"]
+    train = children["train-model1@0"]
     assert train.data.params["train.epochs"] == "2" and train.data.params["model.base"] == "4"
     history = client.get_metric_history(train.info.run_id, "valid/loss")
     assert [m.step for m in history] == [0, 1]
-    assert "best/val_dice" in train.data.metrics and "best/epoch" in train.data.metrics
-    assert train.data.tags["dvc.stage"] == "train@model1" and len(train.data.tags["git.commit"]) == 40
+    assert "kept/valid_dice" in train.data.metrics and "kept/epoch" in train.data.metrics
+    assert train.data.tags["dvc.stage"] == "train-model1@0" and len(train.data.tags["git.commit"]) == 40
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id, "figures")}
     assert {"figures/loss_curves.png", "figures/predictions_valid.png"} <= artifacts
     inputs = [d.dataset.name for d in train.inputs.dataset_inputs]
@@ -34,21 +35,27 @@ def test_repro_logs_parent_and_stage_runs(pipeline):
                                          filter_string=f"source_run_id = '{train.info.run_id}'")
     assert [m.name for m in models] == ["model"], "the trained U-Net is logged as an MLflow model"
 
-    ev = children["evaluate@model3"]
+    ev = children["evaluate-model3@0"]
     for key in ("clean/accuracy", "clean/dice", "clean/paper_dice", "attack/accuracy", "attack/jaccard",
                 "clean/dice/neoplastic"):
         assert key in ev.data.metrics
-    assert children["augment@method2"].data.metrics["n_images"] == 18
+    assert children["augment-method2@0"].data.metrics["n_images"] == 18
 
 
 def test_outputs_report_and_second_repro_runs_nothing(pipeline):
     repo, first = pipeline
-    for path in ("data/clean.h5", "data/method1.h5", "data/method2.h5", "models/model4.pt",
-                 "metrics/eval/model1.json", "reports/table1.csv", "reports/table2.md", "reports/report.md",
+    for path in ("data/clean.h5", "data/seed0/method1.h5", "data/seed0/method2.h5", "models/seed0/model4.pt",
+                 "metrics/eval/seed0/model1.json", "reports/table1.csv", "reports/table2.md", "reports/report.md",
                  "reports/figures/validation_loss.png", "dvc.lock"):
         assert (repo / path).exists(), path
     table = (repo / "reports/table2.csv").read_text().splitlines()
-    assert table[0].startswith("model,loss,accuracy,dice") and len(table) == 5
+    assert table[0].startswith("model,loss,accuracy,dice") and len(table) == 5      # the means over seeds
+    seeds = (repo / "reports/table2_seeds.csv").read_text().splitlines()
+    assert len(seeds) == 1 + 4 * len(PIPELINE_SEEDS) and seeds[1].startswith("model1 seed 0,")
+    paired = (repo / "reports/paired.csv").read_text().splitlines()
+    assert paired[0] == "model,split,metric,mean,std,lo,hi,n_seeds" and len(paired) == 1 + 3 * 2 * 3
+    page = (repo / "reports/report.md").read_text()
+    assert "mean ± std over 2 seeds" in page and "Machine:" in page and "torch " in page
     _, before = runs_of(repo)
     again = run(repo, "dvc", "repro")
     assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
@@ -61,7 +68,8 @@ def test_compare_prints_both_tables(pipeline):
     out = run(repo, sys.executable, "-m", "mlsys", "compare").stdout
     assert "Table 1" in out and "Table 2" in out and "faithful attack, 2 steps" in out
     assert out.count("| model | loss | accuracy | dice |") == 2
-    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 2
+    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 3   # both tables and the paired one
+    assert "mean ± std over 2 seeds" in out and "Paired differences from model 1" in out
 
 
 def test_champion_is_registered_and_predicts_like_the_dvc_weights(pipeline):
@@ -74,22 +82,22 @@ def test_champion_is_registered_and_predicts_like_the_dvc_weights(pipeline):
     from mlsys.train import load_weights
 
     repo, _ = pipeline
-    evals = {m: json.loads((repo / f"metrics/eval/{m}.json").read_text()) for m in report.MODEL_LABELS}
-    best = report.champion(evals)
+    best = report.champion(report.mean_evals({s: {m: json.loads((repo / f"metrics/eval/seed{s}/{m}.json").read_text())
+                                                  for m in report.MODEL_LABELS} for s in PIPELINE_SEEDS}))
     summary = json.loads((repo / "metrics/report.json").read_text())
     assert summary["champion"]["model"] == best and summary["champion"]["registered_model"] == "mlsys-unet"
     client = mlflow.MlflowClient(tracking_uri=store(repo), registry_uri=store(repo))
     version = client.get_model_version_by_alias("mlsys-unet", "champion")
     assert version.tags["mlsys.model"] == best and int(version.version) == summary["champion"]["version"]
-    assert client.get_run(version.run_id).info.run_name == f"train@{best}", "the model logged by its training"
-    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][f"train@{best}"]["outs"]
-    assert version.tags["mlsys.weights_md5"] == next(o["md5"] for o in outs if o["path"] == f"models/{best}.pt")
+    assert client.get_run(version.run_id).info.run_name == f"train-{best}@0", "the model logged by its training"
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][f"train-{best}@0"]["outs"]
+    assert version.tags["mlsys.weights_md5"] == next(o["md5"] for o in outs if o["path"] == f"models/seed0/{best}.pt")
 
     mlflow.set_tracking_uri(store(repo))
     mlflow.set_registry_uri(store(repo))
     served = mlflow.pytorch.load_model("models:/mlsys-unet@champion")
     images, _ = data.head(repo / "data/clean.h5", "test", 5)
-    weights = load_weights(repo / f"models/{best}.pt", load_params(repo / "params.yaml").model).eval()
+    weights = load_weights(repo / f"models/seed0/{best}.pt", load_params(repo / "params.yaml").model).eval()
     with torch.no_grad():
         expected, got = weights(images), served(images)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -103,7 +111,9 @@ def test_dvc_exp_show_and_plots_read_the_pipeline_outputs(pipeline, tmp_path):
     report_metrics = metrics["metrics/report.json"]["data"]
     assert report_metrics["champion"]["model"] in {"model1", "model2", "model3", "model4"}
     assert len(report_metrics["mlflow"]["pipeline_run_id"]) == 32
-    assert len(metrics["metrics/eval/model2.json"]["data"]["mlflow_run_id"]) == 32
+    assert len(metrics["metrics/eval/seed0/model2.json"]["data"]["mlflow_run_id"]) == 32
+    assert set(report_metrics["attack"]["model3"]["dice"]) == {"mean", "std"}        # aggregates for `dvc exp show`
+    assert set(report_metrics["paired"]["model2"]["attack_dice"]) == {"mean", "lo", "hi"}
     rows = (repo / "plots/report/per_class_dice.csv").read_text().splitlines()
     assert rows[0] == "label,model,class,clean_dice,attack_dice" and rows[1].startswith("model1 background,")
     out = tmp_path / "plots"

@@ -371,12 +371,12 @@ def weights_cases(tmp: Path):
 
 def test_bad_weights_files(project, capsys):
     write_params(project, {})
-    weights = project / "models/model1.pt"
+    weights = project / "models/seed0/model1.pt"
     for case, make, expected in weights_cases(project.parent):
         weights.parent.mkdir(exist_ok=True)
         make(weights)
         msg = expect_error(capsys, project, ["evaluate", "model1"], expected, outputs(project))
-        assert "models/model1.pt" in msg, case
+        assert "models/seed0/model1.pt" in msg, case
         weights.unlink()
     assert not (project.parent / "pwned").exists(), "unpickling ran code"
 
@@ -384,10 +384,10 @@ def test_bad_weights_files(project, capsys):
 def test_malicious_training_checkpoint_is_refused(prepared, capsys):
     """The resume path (checkpoints/<model>.pt) loads with weights_only too."""
     marker = prepared.parent / "pwned-checkpoint"
-    ckpt = prepared / "checkpoints/model1.pt"
+    ckpt = prepared / "checkpoints/seed0/model1.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(pickle.dumps({"model": Evil(marker)}, protocol=2))
-    expect_error(capsys, prepared, ["train", "model1"], "checkpoint checkpoints/model1.pt cannot be loaded safely: "
+    expect_error(capsys, prepared, ["train", "model1"], "checkpoint checkpoints/seed0/model1.pt cannot be loaded safely: "
                  "it holds more than tensors (Unsupported global: GLOBAL io.open",
                  outputs(prepared))
     assert not marker.exists()

@@ -32,14 +32,14 @@ SECRETS = {"MLFLOW_TRACKING_PASSWORD": "pw-9f3b1c0e", "MLFLOW_TRACKING_TOKEN": "
 # --------------------------------------------------------------------------- the interrupted pipeline
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """`dvc repro augment@method2` killed (SIGKILL, whole process group) right after method
+    """`dvc repro augment-method2@0` killed (SIGKILL, whole process group) right after method
     two finished its first chunk of images; then `mlsys runs sweep`; then `dvc repro
-    augment@method2` again. Returns what was seen at each point. Secrets sit in the
+    augment-method2@0` again. Returns what was seen at each point. Secrets sit in the
     environment of every command."""
     repo = make_repo(tmp_path_factory.mktemp("interrupted"), MICRO)
     env = env_for(repo, **SECRETS)
-    partial = repo / "data/.method2.h5.partial"
-    proc = subprocess.Popen(["dvc", "repro", "augment@method2"], cwd=repo, env=env, start_new_session=True,
+    partial = repo / "data/seed0/.method2.h5.partial"
+    proc = subprocess.Popen(["dvc", "repro", "augment-method2@0"], cwd=repo, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while not list(partial.glob("*.npz")):
@@ -51,17 +51,17 @@ def interrupted(tmp_path_factory):
     proc.stdout.close()
     seen = {"repo": repo, "chunks_done": sorted(p.name for p in partial.glob("*.npz")),
             "leftovers": sorted(p.name for p in (repo / "data").glob(".method2.h5.tmp*")),
-            "final_exists": (repo / "data/method2.h5").exists(),
-            "metrics_exists": (repo / "metrics/augment/method2.json").exists(),
-            "status": subprocess.run(["dvc", "status", "augment@method2"], cwd=repo, env=env,
+            "final_exists": (repo / "data/seed0/method2.h5").exists(),
+            "metrics_exists": (repo / "metrics/augment/seed0/method2.json").exists(),
+            "status": subprocess.run(["dvc", "status", "augment-method2@0"], cwd=repo, env=env,
                                      capture_output=True, text=True).stdout}
     client, runs = runs_of(repo)
     seen["running"] = sorted(r.info.run_name for r in runs if r.info.status == "RUNNING")
     seen["dry"] = run(repo, sys.executable, "-m", "mlsys", "runs", "sweep", "--dry-run", env=env).stdout
     seen["sweep"] = run(repo, sys.executable, "-m", "mlsys", "runs", "sweep", env=env).stdout
     seen["after_sweep"] = sorted(r.info.status for r in runs_of(repo)[1])
-    seen["rerun"] = run(repo, "dvc", "repro", "augment@method2", env=env).stdout
-    seen["status_after"] = run(repo, "dvc", "status", "augment@method2", env=env).stdout
+    seen["rerun"] = run(repo, "dvc", "repro", "augment-method2@0", env=env).stdout
+    seen["status_after"] = run(repo, "dvc", "status", "augment-method2@0", env=env).stdout
     return seen
 
 
@@ -69,29 +69,29 @@ def test_sigkill_mid_stage_leaves_nothing_dvc_accepts_and_repro_completes(interr
     seen, repo = interrupted, interrupted["repo"]
     # the HDF5 file is written (to a temporary, renamed when complete) once every chunk is done
     assert not seen["final_exists"] and not seen["metrics_exists"]
-    assert "augment@method2" in seen["status"] and "deleted" in seen["status"]
+    assert "augment-method2@0" in seen["status"] and "deleted" in seen["status"]
     assert 1 <= len(seen["chunks_done"]) < 3, seen["chunks_done"]   # 18 images in chunks of 8
     # the second repro ran only the interrupted stage, and only the unfinished chunks
-    assert "Running stage 'augment@method2'" in seen["rerun"]
-    assert "Running stage 'prepare'" not in seen["rerun"] and "Running stage 'train@model1'" not in seen["rerun"]
+    assert "Running stage 'augment-method2@0'" in seen["rerun"]
+    assert "Running stage 'prepare'" not in seen["rerun"] and "Running stage 'train-model1@0'" not in seen["rerun"]
     done = 8 * len(seen["chunks_done"])
     assert f"method2: resumed {done} of 18 images" in seen["rerun"]
     assert "Data and pipelines are up to date" in seen["status_after"]
     assert not list((repo / "data").glob(".method2.h5.*")), "temporaries and the partial folder are gone"
     from mlsys import data
 
-    images, masks = data.load_split(repo / "data/method2.h5", "train")
+    images, masks = data.load_split(repo / "data/seed0/method2.h5", "train")
     assert images.shape == (18, 3, 16, 16) and masks.shape == (18, 16, 16)
 
 
 def test_sweep_marks_the_killed_runs_failed(interrupted):
     seen = interrupted
     names = seen["running"]     # what the crash left RUNNING: the stage and its pipeline run
-    assert len(names) == 2 and names[0] == "augment@method2" and names[1].startswith("pipeline "), names
+    assert len(names) == 2 and names[0] == "augment-method2@0" and names[1].startswith("pipeline "), names
     assert "would mark" in seen["dry"] and "2 run(s) left RUNNING by a crash (dry run)" in seen["dry"]
     lines = seen["sweep"].splitlines()
     assert lines[-1] == "2 run(s) left RUNNING by a crash"
-    assert any("(augment@method2) FAILED: process" in line and "is gone" in line for line in lines)
+    assert any("(augment-method2@0) FAILED: process" in line and "is gone" in line for line in lines)
     assert any("(pipeline " in line and "dvc process" in line for line in lines)
     assert seen["after_sweep"] == ["FAILED", "FAILED", "FINISHED", "FINISHED"], "nothing is left RUNNING"
     client, runs = runs_of(seen["repo"])
@@ -155,8 +155,8 @@ def test_resumed_and_fresh_runs_are_bit_identical(interrupted, pipeline):
         assert_same_h5(repo / "data" / name, ref / "data" / name)
         # nothing time-dependent is stored: the files are byte for byte the same
         assert (repo / "data" / name).read_bytes() == (ref / "data" / name).read_bytes(), name
-    a = torch.load(repo / "models/model1.pt", weights_only=True)
-    b = torch.load(ref / "models/model1.pt", weights_only=True)
+    a = torch.load(repo / "models/seed0/model1.pt", weights_only=True)
+    b = torch.load(ref / "models/seed0/model1.pt", weights_only=True)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
@@ -164,7 +164,7 @@ def test_resumed_and_fresh_runs_are_bit_identical(interrupted, pipeline):
         ma, mb = (json.loads((r / "metrics" / name).read_text()) for r in (repo, ref))
         ma.pop("mlflow_run_id", None), mb.pop("mlflow_run_id", None)
         assert ma == mb, name
-    assert (repo / "plots/train/model1.csv").read_text() == (ref / "plots/train/model1.csv").read_text()
+    assert (repo / "plots/train/seed0/model1.csv").read_text() == (ref / "plots/train/seed0/model1.csv").read_text()
 
 
 def test_no_secret_lands_in_params_tags_or_artifacts(interrupted):
@@ -207,21 +207,21 @@ def test_signal_ends_stage_and_parent_killed(interrupted, sig, code, said):
     exp = client.get_experiment_by_name("mlsys").experiment_id
     parent = client.create_run(exp, run_name=f"pipeline {sig.name}", tags={"mlsys.kind": "pipeline"}).info.run_id
     client.set_terminated(parent, "FINISHED")
-    checkpoint = repo / "checkpoints/model3.pt"
+    checkpoint = repo / "checkpoints/seed0/model3.pt"
     checkpoint.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "mlsys", "--params", str(repo.parent / "long.yaml"), "train",
                              "model3"], cwd=repo, env=env_for(repo, MLSYS_PARENT_RUN_ID=parent),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_run(repo, "train@model3", proc, checkpoint)   # an epoch is done: deep in the loop
+    wait_for_run(repo, "train-model3@0", proc, checkpoint)   # an epoch is done: deep in the loop
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1].endswith(said) and "Traceback" not in err
     _, runs = runs_of(repo)
-    stage = [r for r in runs if r.info.run_name == "train@model3" and r.data.tags.get("mlflow.parentRunId") == parent]
+    stage = [r for r in runs if r.info.run_name == "train-model3@0" and r.data.tags.get("mlflow.parentRunId") == parent]
     assert [r.info.status for r in stage] == ["KILLED"]
     assert client.get_run(parent).info.status == "KILLED"
-    assert not (repo / "models/model3.pt").exists() and not list((repo / "models").glob(".*tmp*"))
+    assert not (repo / "models/seed0/model3.pt").exists() and not list((repo / "models").glob(".*tmp*"))
     assert checkpoint.exists(), "the last finished epoch is kept for resuming"
 
 

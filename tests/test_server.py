@@ -15,21 +15,21 @@ def test_pipeline_logs_to_a_tracking_server(tmp_path):
     db, artifacts = tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts"
     with mlflow_service(repo, "server", "--backend-store-uri", f"sqlite:///{db}",
                         "--artifacts-destination", str(artifacts)) as url:
-        run(repo, "dvc", "repro", "train@model1", env=env_for(repo, MLFLOW_TRACKING_URI=url))
+        run(repo, "dvc", "repro", "train-model1@0", env=env_for(repo, MLFLOW_TRACKING_URI=url))
 
         exp = http_json(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mlsys")["experiment"]
         found = http_json(f"{url}/api/2.0/mlflow/runs/search",
                           {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
         by_name = {r["info"]["run_name"]: r for r in found}
-        assert {"prepare", "train@model1"} <= set(by_name) and len(by_name) == 3, sorted(by_name)
+        assert {"prepare", "train-model1@0"} <= set(by_name) and len(by_name) == 3, sorted(by_name)
         parent = next(r for n, r in by_name.items() if n.startswith("pipeline "))
-        train = by_name["train@model1"]
+        train = by_name["train-model1@0"]
         tags = {t["key"]: t["value"] for t in train["data"]["tags"]}
         assert tags["mlflow.parentRunId"] == parent["info"]["run_id"]
         assert tags["mlsys.tracking_uri"] == url and tags["mlsys.model"] == "model1"
         assert all(r["info"]["status"] == "FINISHED" for r in found)
         metrics = {m["key"]: m["value"] for m in train["data"]["metrics"]}
-        assert {"best/val_dice", "best/epoch", "valid/loss"} <= set(metrics)
+        assert {"kept/valid_dice", "kept/epoch", "valid/loss"} <= set(metrics)
 
         # artifacts go through the server (mlflow-artifacts:/) into its destination folder
         assert train["info"]["artifact_uri"].startswith("mlflow-artifacts:/")

@@ -136,7 +136,7 @@ def test_team_set_up(tmp_path, capsys):
         assert 'remote = shared' in (other / ".dvc" / "config").read_text()
         assert not (other / "models" / "model1.pt").exists()
         run(other, "dvc", "pull")
-        for name in ("data/clean.h5", "data/method2.h5", "models/model1.pt", "models/model4.pt"):
+        for name in ("data/clean.h5", "data/seed0/method2.h5", "models/seed0/model1.pt", "models/seed0/model4.pt"):
             assert md5(other / name) == md5(repo / name), name
         status = run(other, "dvc", "status")
         assert "Data and pipelines are up to date." in status.stdout, status.stdout

@@ -56,7 +56,7 @@ def test_mlflow_ui_shows_the_four_models(pipeline, artifacts_dir, tmp_path, caps
         # model's train and evaluate runs
         found = http_json(f"{url}/ajax-api/2.0/mlflow/runs/search",
                           {"experiment_ids": [exp_id], "filter": "tags.mlsys.model = 'model2'"})["runs"]
-        assert sorted(r["info"]["run_name"] for r in found) == ["evaluate@model2", "train@model2"]
+        assert sorted(r["info"]["run_name"] for r in found) == ["evaluate-model2@0", "train-model2@0"]
 
         # the address `mlsys ui` prints: the pipeline run, its stage runs folded under it
         runs_view = f"{url}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
@@ -76,7 +76,7 @@ def test_mlflow_ui_shows_the_four_models(pipeline, artifacts_dir, tmp_path, caps
         run = evaluate["model3"]
         page = f"{url}/#/experiments/{exp_id}/runs/{run.info.run_id}?workflowType=machine_learning"
         dom = browse(page, tmp_path / "p3", shots["run_page"])
-        assert "evaluate@model3" in dom and "attack/dice" in dom and "Finished" in dom
+        assert "evaluate-model3@0" in dom and "attack/dice" in dom and "Finished" in dom
         assert "mlsys.model" in dom and "dvc.experiment" in dom, "the run's tags are shown"
         value = run.data.metrics["clean/dice"]
         assert repr(value)[:8] in dom, f"clean/dice {value} is not on the run page (see {shots['run_page']})"
