@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from micro import clone, run, runs_of
+from micro import MODELS, PIPELINE_SEEDS, clone, run, runs_of
 
 
 def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):
@@ -17,7 +17,7 @@ def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):
         run(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.attack.eps={eps}")
     out = run(repo, "dvc", "exp", "run", "--run-all").stdout
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    evaluate = ["evaluate-model1@0", "evaluate-model2@0", "evaluate-model3@0", "evaluate-model4@0"]
+    evaluate = [f"evaluate-{m}@{s}" for m in MODELS for s in PIPELINE_SEEDS]
     assert sorted(ran) == sorted(2 * (evaluate + ["report"])), "only what depends on evaluate.* runs"
 
     client, runs = runs_of(repo)
@@ -28,7 +28,7 @@ def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):
         stages = {r.info.run_name for r in mine if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
         assert stages == {*evaluate, "report"}
         assert all(r.info.status == "FINISHED" for r in mine)
-        assert {r.data.params["evaluate.attack.eps"] for r in mine if r.info.run_name.startswith("evaluate@")} == {eps}
+        assert {r.data.params["evaluate.attack.eps"] for r in mine if r.info.run_name.startswith("evaluate-")} == {eps}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside DVC's temporary workspaces"
 
     show = json.loads(run(repo, "dvc", "exp", "show", "--json").stdout)

@@ -1,0 +1,28 @@
+"""What MLflow records about data comes from the files themselves."""
+from __future__ import annotations
+
+import hashlib
+
+import yaml
+
+
+def test_dataset_digest_is_the_written_files_not_the_previous_lock(tmp_path, monkeypatch):
+    """A rewritten file of the same path and size (method two with another eps keeps the HDF5
+    size) must be logged with its new md5, although dvc.lock still names the old one."""
+    import mlflow
+
+    from mlsys import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "data").mkdir()
+    old, new = b"a" * 64, b"b" * 64
+    (tmp_path / "data/method2.h5").write_bytes(new)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"augment-method2@0": {
+        "outs": [{"path": "data/method2.h5", "md5": hashlib.md5(old).hexdigest(), "size": len(old)}]}}}))
+    with mlflow.start_run() as run:
+        digest = tracking.log_dataset(tmp_path / "data/method2.h5", "output")
+    assert digest == hashlib.md5(new).hexdigest()
+    logged = mlflow.get_run(run.info.run_id).inputs.dataset_inputs[0]
+    assert {t.key: t.value for t in logged.tags}["dvc.md5"] == digest
