@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,17 +59,17 @@ def class_directions(model: torch.nn.Module, x: torch.Tensor, eps: float, amp: b
     return (eps * g.sign()).view(n, C, *x.shape[1:])
 
 
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_COMPILED: list[tuple[torch.nn.Module, torch.nn.Module]] = []  # (model, its compiled wrapper)
 
 
 def _net(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
-    """The model itself, or its torch.compile wrapper (made once per model: a new wrapper
-    per call would re-trace)."""
+    """The model itself, or its torch.compile wrapper, kept for the last model compiled
+    (a new wrapper per image would re-trace; the wrapper holds the model, so one only)."""
     if not compile:
         return model
-    if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=False)
-    return _COMPILED[model]
+    if not _COMPILED or _COMPILED[0][0] is not model:
+        _COMPILED[:] = [(model, torch.compile(model, dynamic=False))]
+    return _COMPILED[0][1]
 
 
 def _scores(net, x, dirs, mask, index: torch.Tensor | None, score: str, select: str, chunk: int,
@@ -127,8 +126,8 @@ def _short_list(scores: torch.Tensor, k: int, select: str) -> torch.Tensor:
 @torch.no_grad()
 def search_image(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
                  score: str = "l1", select: str = "argmin", chunk: int = 243, amp: bool = False,
-                 channels_last: bool = False, exact_top: int = 8, search: str = "exact",
-                 screen_k: int = 27, compile: bool = False) -> tuple[int, float]:
+                 channels_last: bool = False, exact_top: int = 16, search: str = "exact",
+                 screen_k: int = 54, compile: bool = False) -> tuple[int, float]:
     """Best of the 3^C candidates of one image against its true mask (model in eval mode).
 
     x: (3, H, W) in [0, 1]; dirs: (C, 3, H, W); mask: (H, W) int64.

@@ -96,10 +96,10 @@ class Method2Params:
     chunk: int = 243               # candidates per forward pass (divides 729 = 3^6)
     batch_size: int = 8            # images whose directions are computed at once
     search: str = "exact"          # "exact": score all 3^C candidates (paper); "screened": first-order short list
-    screen_k: int = 27             # screened: candidates scored exactly, the best of a first-order ranking
-    amp: bool = False              # bf16-autocast forwards screen (CPU and CUDA); fp32 rescoring decides
-    exact_top: int = 8             # amp: the best bf16-scored candidates rescored in fp32
-    channels_last: bool = False    # candidates in channels-last memory format (weights untouched)
+    screen_k: int = 54             # screened: candidates scored exactly, the best of a first-order ranking
+    amp: bool = True               # bf16-autocast forwards screen (CPU and CUDA); fp32 rescoring decides
+    exact_top: int = 16            # amp: the best bf16-scored candidates rescored in fp32
+    channels_last: bool = True     # candidates in channels-last memory format (weights untouched)
     compile: bool = False          # torch.compile the U-Net forward of the search
 
 

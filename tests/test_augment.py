@@ -71,7 +71,8 @@ def test_method_two_finds_the_brute_force_best(n_classes, score, select):
     model = unet(n_classes)
     x, masks = batch(2, n_classes)
     # chunk 50 does not divide 27 or 729: the best may sit in any chunk, the last one short
-    cfg = Method2Params(eps=0.05, score=score, select=select, chunk=50 if n_classes == 6 else 10)
+    cfg = Method2Params(eps=0.05, score=score, select=select, chunk=50 if n_classes == 6 else 10,
+                        amp=False, channels_last=False)  # the plain fp32 search (fast paths: below)
     model.train()  # method two must evaluate the model regardless
     images, signs, scores, indices = method_two(model, x, masks, cfg)
     assert model.training
@@ -180,7 +181,8 @@ def test_bf16_screen_keeps_the_fp32_optimum(seed, score, select):
     C = 6
     model = unet(C, seed)
     x, masks = batch(2, C, seed + 10)
-    base = Method2Params(eps=0.05, score=score, select=select, chunk=100)
+    base = Method2Params(eps=0.05, score=score, select=select, chunk=100, amp=False,
+                         channels_last=False)
     dirs = class_directions(model, x, base.eps)
     for cfg in (dataclasses.replace(base, amp=True, exact_top=8),
                 dataclasses.replace(base, amp=True, exact_top=8, channels_last=True)):
