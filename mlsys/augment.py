@@ -11,6 +11,12 @@ candidate is scored against the TRUE mask and the best kept (argmin of the mean
 |onehot - softmax| in the original code). The candidates are addressed by a base-3
 index (see :mod:`mlsys.ops`, index 0 = the clean image); generation and scoring go
 through the fused ops there, whose plain-PyTorch references define the results.
+Fast paths (Method2Params): a bf16-autocast forward may screen the candidates, but the
+winner is always decided by fp32 scores (the ``exact_top`` best rescored); channels-last
+candidates; a torch.compile'd forward; and, beyond the paper, a "screened" search that
+scores exactly only the ``screen_k`` best of a first-order ranking (not exact: see
+benchmarks/screened.py for how often it finds the optimum). This module's searches
+import with torch alone (the stage code imports data and distributed when it runs).
 """
 from __future__ import annotations
 
