@@ -1,22 +1,22 @@
-"""Method two's signed-combination search, per image: validate, then time four ways.
+"""Method two's signed-combination search, per image: validate, then time each setting.
 
     python benchmarks/method2.py --config cpu-small      # 32x32, base 8, chunks of 243
     python benchmarks/method2.py --config paper          # 256x256, base 64, chunks of 243
 
-For one image x and its true mask, C = 6 class directions
-dirs = eps * sign(grad_x CE(model(x_rep), full-area c)) come from one batched backward;
-then the 3^6 = 729 candidates are generated, run through the U-Net and scored (L1,
-argmin). Only this search is timed (the directions are shared by all four ways):
+For one image x and its true mask, C = 6 class directions (mlsys.augment.class_directions,
+one batched backward) give the 3^6 = 729 candidates, which are run through the U-Net and
+scored (L1, argmin). Only this search is timed (the directions are shared by all ways):
   (a) per-candidate loop: one candidate per forward (the original code's approach);
-  (b) batched eager PyTorch: reference candidates + reference score, chunk by chunk;
-  (c) as (b) with a torch.compile'd U-Net;
-  (d) the native ops (mlsys.ops: candidates + fused score) with the faster forward.
-On CUDA each runs in fp32 and in bf16 with channels-last. Printed: ms per image,
-speed-up over (a), achieved TFLOP/s (FlopCounterMode count of one forward x 729) and its
-share of a measured matmul peak; the candidates and score ops alone in GB/s against a
-measured device copy (`torch.empty_like(x).copy_(x)`). Checks come first (llm.c dev/cuda
-style): native candidates and scores against the references, and the four searches must
-agree on the winning score. Imports neither mlflow nor dvc.
+  (b)-(g) the stage's own search, mlsys.augment.search_image (native ops when built,
+      chunks of candidates per forward, one host sync per image) in fp32, with
+      channels-last candidates, with the bf16-autocast screen (the best ``exact_top``
+      rescored in fp32), and under torch.compile (see WAYS).
+Printed: ms per image, speed-up over (a), achieved TFLOP/s (FlopCounterMode count of one
+forward x 729) and its share of a measured matmul peak, the fastest way; the candidates
+and score ops alone in GB/s against a measured device copy
+(`torch.empty_like(x).copy_(x)`). Checks come first (llm.c dev/cuda style): native
+candidates and scores against the references, and every way must find the fp32
+optimum's score (all decide in fp32). Imports neither mlflow nor dvc (nor yaml, tqdm).
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from mlsys import ops  # noqa: E402
+from mlsys.augment import class_directions, search_image  # noqa: E402
 from mlsys.model import UNet  # noqa: E402
 
 
@@ -46,6 +46,7 @@ class Config:
     images: int = 2         # images timed (times are per image)
     eps: float = 0.01       # FGSM step of each class direction
     classes: int = 6        # U-Net output classes = number of directions (3^6 candidates)
+    exact_top: int = 16     # bf16 screen: the best candidates rescored in fp32
 
 
 CONFIGS = {
@@ -82,9 +83,10 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int = 3, warmup:
     return statistics.median(times)
 
 
-def matmul_peak(device: torch.device) -> tuple[float, str]:
-    """Measured dense matmul FLOP/s: bf16 8192^3 on a GPU, fp32 2048^3 on the CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """Measured dense matmul FLOP/s: bf16 8192^3 on a GPU (whatever ``dtype``: the card's
+    peak), ``dtype`` 2048^3 on the CPU (bf16 has its own units on AMX CPUs)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, dtype)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = timed(lambda: a @ b, device, reps=5, warmup=2)
@@ -107,49 +109,36 @@ def copy_bandwidth(device: torch.device) -> float:
 
 # --------------------------------------------------------------------------- method two
 
-def directions(model: torch.nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """dirs (C, 3, H, W) = eps * sign(grad_x CE(model(x), full-area c)), one backward."""
-    C = model.head.out_channels
-    rep = x[None].repeat(C, 1, 1, 1).requires_grad_(True)
-    target = torch.arange(C, device=x.device)[:, None, None].expand(-1, *x.shape[1:])
-    with torch.enable_grad():
-        loss = F.cross_entropy(model(rep).float(), target)
-        (grad,) = torch.autograd.grad(loss, rep)
-    return eps * grad.sign()
-
-
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def search_loop(forward: Forward, x, dirs, mask, dtype, channels_last) -> tuple[int, float]:
-    """(a) one candidate per forward."""
+def search_loop(forward: Forward, x, dirs, mask) -> tuple[int, float]:
+    """(a) one candidate per forward (the original code's approach), fp32 reference ops."""
     total = 3 ** dirs.shape[0]
     scores = []
     for i in range(total):
-        cand = ops.candidates_ref(x, dirs, i, 1, 0.0, 1.0, dtype, channels_last)
+        cand = ops.candidates_ref(x, dirs, i, 1)
         scores.append(ops.score_ref(forward(cand), mask)[0])
     scores = torch.cat(scores)
     best = int(scores.argmin())  # the one host sync
     return best, float(scores[best])
 
 
-def search_batched(forward: Forward, x, dirs, mask, dtype, channels_last, chunk: int,
-                   native: bool) -> tuple[int, float]:
-    """(b)-(d) chunks of candidates per forward; reference or native ops."""
-    cand_fn, score_fn = (ops.candidates, ops.score) if native else (ops.candidates_ref, ops.score_ref)
-    total = 3 ** dirs.shape[0]
-    scores = []
-    for start in range(0, total, chunk):
-        cand = cand_fn(x, dirs, start, min(chunk, total - start), 0.0, 1.0, dtype, channels_last)
-        scores.append(score_fn(forward(cand), mask)[0])
-    scores = torch.cat(scores)
-    best = int(scores.argmin())
-    return best, float(scores[best])
+# The library's search (mlsys.augment.search_image, the one the stage runs) in each of its
+# precision / layout / compile settings: label -> keyword arguments.
+WAYS = {
+    "(b) fp32": {},
+    "(c) fp32 channels-last": {"channels_last": True},
+    "(d) bf16 screen": {"amp": True},
+    "(e) bf16 screen channels-last": {"amp": True, "channels_last": True},
+    "(f) fp32 compiled": {"compile": True},
+    "(g) bf16 screen channels-last compiled": {"amp": True, "channels_last": True, "compile": True},
+}
 
 
 # --------------------------------------------------------------------------- the benchmark
 
-def validate(x, dirs, mask, forward: Forward, dtype, channels_last, chunk: int) -> dict:
+def validate(x, dirs, mask, model, dtype, channels_last, chunk: int) -> dict:
     """Native ops against the references on this image; raises if they disagree."""
     tol = 1e-6 if dtype == torch.float32 else 8e-3
     total = 3 ** dirs.shape[0]
@@ -157,7 +146,8 @@ def validate(x, dirs, mask, forward: Forward, dtype, channels_last, chunk: int) 
     want = ops.candidates_ref(x, dirs, 0, total, 0.0, 1.0, dtype, channels_last)
     cand_err = float((cand.double() - want.double()).abs().max())
     assert cand_err <= tol, f"candidates differ from the reference by {cand_err}"
-    logits = forward(want[:chunk])
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model(want[:chunk])
     scores, best = ops.score(logits, mask)
     scores_ref, _ = ops.score_ref(logits, mask)
     score_err = float((scores - scores_ref).abs().max())
@@ -181,7 +171,8 @@ def op_bandwidth(x, dirs, mask, dtype, channels_last, count: int, device, copy_b
     t = timed(lambda: ops.score(logits, mask), device)
     out["score"] = (t, score_bytes / t)
     for name, (t, bw) in out.items():
-        print(f"    op {name:10s} {count} candidates: {t * 1e3:8.3f} ms  {bw / 1e9:7.1f} GB/s "
+        print(f"    op {name:10s} {count} candidates {str(dtype).removeprefix('torch.')}"
+              f"{' channels-last' if channels_last else ''}: {t * 1e3:8.3f} ms  {bw / 1e9:7.1f} GB/s "
               f"({100 * bw / copy_bw:5.1f}% of copy)")
     return {k: {"ms": t * 1e3, "GB/s": bw / 1e9} for k, (t, bw) in out.items()}
 
@@ -192,7 +183,7 @@ def run(cfg: Config, device: torch.device, compile_model: bool, naive: bool) -> 
     model = model.to(device).eval()
     images = torch.rand(cfg.images, 3, cfg.size, cfg.size, device=device)
     masks = torch.randint(0, cfg.classes, (cfg.images, cfg.size, cfg.size), device=device)
-    dirs = [directions(model, x, cfg.eps) for x in images]
+    dirs = class_directions(model, images, cfg.eps)
     total = 3**cfg.classes
 
     with FlopCounterMode(display=False) as counter:
@@ -200,80 +191,74 @@ def run(cfg: Config, device: torch.device, compile_model: bool, naive: bool) -> 
     fwd_flops = counter.get_total_flops()
     search_flops = total * fwd_flops
     peak, peak_name = matmul_peak(device)
+    peak_bf16, peak_bf16_name = matmul_peak(device, torch.bfloat16)
     copy_bw = copy_bandwidth(device)
     print(f"# method two, {cfg.size}x{cfg.size}, U-Net base {cfg.base}, {total} candidates, "
           f"chunk {cfg.chunk}, {cfg.images} images; device {device}"
           f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
-          f"torch {torch.__version__}; ops backend {ops.backend()}")
+          f"torch {torch.__version__}; ops backend {ops.backend()}; bf16 screen rescores the best "
+          f"{cfg.exact_top} in fp32")
     print(f"# one forward {fwd_flops / 1e9:.3f} GFLOP -> search {search_flops / 1e12:.4f} TFLOP "
           f"per image; peak {peak / 1e12:.2f} TFLOP/s ({peak_name}) -> floor "
-          f"{search_flops / peak * 1e3:.2f} ms/image; copy {copy_bw / 1e9:.1f} GB/s")
+          f"{search_flops / peak * 1e3:.2f} ms/image; bf16 ways against {peak_bf16 / 1e12:.2f} TFLOP/s "
+          f"({peak_bf16_name}); copy {copy_bw / 1e9:.1f} GB/s")
     result = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__,
               "backend": ops.backend(), "forward_gflop": fwd_flops / 1e9,
-              "peak_tflops": peak / 1e12, "copy_GBps": copy_bw / 1e9, "runs": {}}
+              "peak_tflops": peak / 1e12, "peak_bf16_tflops": peak_bf16 / 1e12,
+              "copy_GBps": copy_bw / 1e9, "runs": {}}
 
-    variants = [(torch.float32, False)]
-    if device.type == "cuda":
-        variants.append((torch.bfloat16, True))
-    for dtype, cl in variants:
-        name = f"{str(dtype).removeprefix('torch.')}{' channels-last' if cl else ''}"
-        net = model.to(dtype)
-        if cl:
-            net = net.to(memory_format=torch.channels_last)
-        eager: Forward = net
-        compiled: Forward | None = torch.compile(net) if compile_model else None
-        xs = [x.to(dtype) for x in images]
-        print(f"## {name}")
-        with torch.inference_mode():
-            info = validate(images[0], dirs[0], masks[0], eager, dtype, cl, cfg.chunk)
-            print(f"    valid: candidates max|native-ref| {info['candidates_max_abs_err']:.2e}, "
-                  f"scores {info['scores_max_abs_err']:.2e}")
+    info = {}
+    with torch.inference_mode():
+        for dtype, cl in ((torch.float32, False), (torch.bfloat16, True)):
+            info[f"{str(dtype).removeprefix('torch.')}{' channels-last' if cl else ''}"] = v = validate(
+                images[0], dirs[0], masks[0], model, dtype, cl, cfg.chunk)
+            print(f"    valid {str(dtype).removeprefix('torch.')}: candidates max|native-ref| "
+                  f"{v['candidates_max_abs_err']:.2e}, scores {v['scores_max_abs_err']:.2e}")
 
-            def per_image(search) -> tuple[float, list]:
-                picks = []
+    def per_image(search) -> tuple[float, list]:
+        picks = []
 
-                def all_images():
-                    picks.clear()
-                    for x, d, m in zip(xs, dirs, masks):
-                        picks.append(search(x, d, m))
-                t = timed(all_images, device, reps=2 if device.type == "cpu" else 3)
-                return t / len(xs), list(picks)
+        def all_images():
+            picks.clear()
+            for x, d, m in zip(images, dirs, masks):
+                picks.append(search(x, d, m))
+        t = timed(all_images, device, reps=2 if device.type == "cpu" else 3)
+        return t / len(images), list(picks)
 
-            ways = {}
-            if naive:
-                ways["(a) per-candidate loop"] = lambda x, d, m: search_loop(eager, x, d, m, dtype, cl)
-            ways["(b) batched eager"] = lambda x, d, m: search_batched(
-                eager, x, d, m, dtype, cl, cfg.chunk, native=False)
-            if compiled is not None:
-                ways["(c) batched compiled"] = lambda x, d, m: search_batched(
-                    compiled, x, d, m, dtype, cl, cfg.chunk, native=False)
-            timings = {}
-            picks = {}
-            for label, search in ways.items():
-                timings[label], picks[label] = per_image(search)
-            fastest = min((k for k in timings if k != "(a) per-candidate loop"), key=timings.get)
-            fast_fwd = compiled if fastest.startswith("(c)") else eager
-            label = f"(d) native ops + {'compiled' if fast_fwd is compiled else 'eager'}"
-            timings[label], picks[label] = per_image(
-                lambda x, d, m: search_batched(fast_fwd, x, d, m, dtype, cl, cfg.chunk, native=True))
+    ways = {}
+    if naive:
+        ways["(a) per-candidate loop"] = lambda x, d, m: search_loop(model, x, d, m)
+    for label, kw in WAYS.items():
+        if kw.get("compile") and not compile_model:
+            continue
+        ways[label] = (lambda kw: lambda x, d, m: search_image(
+            model, x, d, m, "l1", "argmin", cfg.chunk, exact_top=cfg.exact_top, **kw))(kw)
+    timings, picks = {}, {}
+    with torch.no_grad():
+        for label, search in ways.items():
+            timings[label], picks[label] = per_image(search)
 
-            # the searches must agree on the winning score (indices may differ on near-ties)
-            ref = picks["(b) batched eager"]
-            tol = 1e-5 if dtype == torch.float32 else 2e-2
-            for k, p in picks.items():
-                for (_, s), (_, s_ref) in zip(p, ref):
-                    assert abs(s - s_ref) <= tol * max(1.0, abs(s_ref)), f"{k}: best {s} != {s_ref}"
+    # every way decides in fp32: all must find the fp32 optimum's score
+    ref = picks["(b) fp32"]
+    for k, p in picks.items():
+        for (_, s), (_, s_ref) in zip(p, ref):
+            assert abs(s - s_ref) <= 1e-5 * max(1.0, abs(s_ref)), f"{k}: best {s} != {s_ref}"
 
-            base = timings.get("(a) per-candidate loop", timings["(b) batched eager"])
-            runs = {}
-            for k, t in timings.items():
-                tflops = search_flops / t / 1e12
-                print(f"    {k:34s} {t * 1e3:10.2f} ms/image  x{base / t:6.2f}  "
-                      f"{tflops:7.3f} TFLOP/s ({100 * tflops * 1e12 / peak:5.1f}% of peak)")
-                runs[k] = {"ms_per_image": t * 1e3, "speedup": base / t, "tflops": tflops}
-            bw = op_bandwidth(xs[0], dirs[0], masks[0], dtype, cl, cfg.chunk, device, copy_bw)
-        result["runs"][name] = {"validation": info, "timings": runs, "ops": bw}
-    model.float()
+    base = timings.get("(a) per-candidate loop", timings["(b) fp32"])
+    runs = {}
+    for k, t in timings.items():
+        tflops = search_flops / t / 1e12
+        share = 100 * tflops * 1e12 / (peak_bf16 if "bf16" in k else peak)
+        print(f"    {k:40s} {t * 1e3:10.2f} ms/image  x{base / t:6.2f}  "
+              f"{tflops:7.3f} TFLOP/s ({share:5.1f}% of its peak)")
+        runs[k] = {"ms_per_image": t * 1e3, "speedup": base / t, "tflops": tflops, "percent_of_peak": share}
+    fastest = min((k for k in timings if not k.startswith("(a)")), key=timings.get)
+    print(f"# fastest: {fastest}")
+    with torch.inference_mode():
+        bw = {name: op_bandwidth(images[0].to(dtype), dirs[0], masks[0], dtype, cl, cfg.chunk, device, copy_bw)
+              for name, dtype, cl in (("float32", torch.float32, False),
+                                      ("bfloat16 channels-last", torch.bfloat16, True))}
+    result["runs"] = {"validation": info, "timings": runs, "fastest": fastest, "ops": bw}
     return result
 
 
@@ -283,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, help="images to time (default: the config's)")
     p.add_argument("--chunk", type=int, help="candidates per forward (default: the config's)")
-    p.add_argument("--no-compile", action="store_true", help="skip (c), the torch.compile'd U-Net")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd ways (f), (g)")
     p.add_argument("--no-naive", action="store_true", help="skip (a), the per-candidate loop")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)

@@ -11,6 +11,12 @@ candidate is scored against the TRUE mask and the best kept (argmin of the mean
 |onehot - softmax| in the original code). The candidates are addressed by a base-3
 index (see :mod:`mlsys.ops`, index 0 = the clean image); generation and scoring go
 through the fused ops there, whose plain-PyTorch references define the results.
+Fast paths (Method2Params): a bf16-autocast forward may screen the candidates, but the
+winner is always decided by fp32 scores (the ``exact_top`` best rescored); channels-last
+candidates; a torch.compile'd forward; and, beyond the paper, a "screened" search that
+scores exactly only the ``screen_k`` best of a first-order ranking (not exact: see
+benchmarks/screened.py for how often it finds the optimum). This module's searches
+import with torch alone (the stage code imports data and distributed when it runs).
 """
 from __future__ import annotations
 
@@ -18,15 +24,17 @@ import hashlib
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import ops
 from .attacks import eval_mode, full_area, input_grad, pgd
-from .data import create_dataset, file_md5, has_channels, image_size, iter_chunks, split_of
-from .distributed import ChunkStore, Group, Shard, chunk_sizes, is_main, run_chunks, source_digest
-from .params import Method1Params, Method2Params
+
+if TYPE_CHECKING:  # the searches import with torch alone (GPU machines: no yaml, tqdm, mlflow, dvc)
+    from .distributed import Group, Shard
+    from .params import Method1Params, Method2Params
 
 
 # --------------------------------------------------------------------------- method one
@@ -37,11 +45,14 @@ def method_one(model: torch.nn.Module, x: torch.Tensor, cfg: Method1Params,
     classes = list(range(model.head.out_channels)) if classes is None else classes
     for c in classes:
         x = pgd(model, x, full_area(x, c), mode=cfg.mode, eps=cfg.eps, alpha=cfg.alpha,
-                steps=cfg.steps, targeted=True)
+                steps=cfg.steps, targeted=True, amp=cfg.amp)
     return x
 
 
 # --------------------------------------------------------------------------- method two
+SEARCHES = ("exact", "screened")
+
+
 def class_directions(model: torch.nn.Module, x: torch.Tensor, eps: float, amp: bool = False) -> torch.Tensor:
     """a[n, c] = eps * sign(grad_x CE(model(x_n), full-area c)) for x (N, 3, H, W):
     returns (N, C, 3, H, W), all from one batched backward pass."""
@@ -54,41 +65,120 @@ def class_directions(model: torch.nn.Module, x: torch.Tensor, eps: float, amp: b
     return (eps * g.sign()).view(n, C, *x.shape[1:])
 
 
-@torch.no_grad()
-def search_image(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
-                 score: str = "l1", select: str = "argmin", chunk: int = 243,
-                 dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[int, float]:
-    """Score all 3^C candidates of one image against its true mask.
+_COMPILED: list[tuple[torch.nn.Module, torch.nn.Module]] = []  # (model, its compiled wrapper)
 
-    x: (3, H, W) in [0, 1]; dirs: (C, 3, H, W); mask: (H, W) int64.
-    Returns (best base-3 index, its score); ties go to the lowest index."""
-    total = 3 ** dirs.shape[0]
-    best_idx, best = 0, None
+
+def _net(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
+    """The model itself, or its torch.compile wrapper, kept for the last model compiled
+    (a new wrapper per image would re-trace; the wrapper holds the model, so one only)."""
+    if not compile:
+        return model
+    if not _COMPILED or _COMPILED[0][0] is not model:
+        _COMPILED[:] = [(model, torch.compile(model, dynamic=False))]
+    return _COMPILED[0][1]
+
+
+def _scores(net, x, dirs, mask, index: torch.Tensor | None, score: str, select: str, chunk: int,
+            amp: bool, channels_last: bool) -> torch.Tensor:
+    """Scores (K,) float32 on x's device of candidates ``index`` (K,) int64, or of all
+    3^C when None (through the fused range op), ``chunk`` per forward. amp: bf16
+    candidates and a bf16-autocast forward (screening quality, not exact)."""
+    dtype = torch.bfloat16 if amp else torch.float32
+    total = 3 ** dirs.shape[0] if index is None else len(index)
+    out = []
     for start in range(0, total, chunk):
         count = min(chunk, total - start)
-        cand = ops.candidates(x, dirs, start, count, 0.0, 1.0, dtype, channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits = model(cand)  # bf16 candidates need the bf16 forward of autocast
-        scores, idx = ops.score(logits, mask, score, select)
-        value = float(scores[idx])
-        better = best is None or (value < best if select == "argmin" else value > best)
-        if better:
-            best_idx, best = start + int(idx), value
-    return best_idx, best
+        if index is None:
+            cand = ops.candidates(x, dirs, start, count, 0.0, 1.0, dtype, channels_last)
+        else:
+            cand = ops.candidates_at(x, dirs, index[start:start + count], 0.0, 1.0, dtype, channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+            logits = net(cand)
+        out.append(ops.score(logits, mask, score, select)[0])  # stays on the device: no sync
+    return torch.cat(out)
 
 
-def method_two(model: torch.nn.Module, x: torch.Tensor, masks: torch.Tensor, cfg: Method2Params,
-               amp: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Signed-combination search for a batch x (N, 3, H, W) with true masks (N, H, W).
+def first_order_scores(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
+                       score: str = "l1", chunk: int = 243) -> torch.Tensor:
+    """Linear prediction of every candidate's score from one fp32 forward + backward at x:
+    score(x_s) ~ score(x) + <grad_x score(x), x_s - x>, x_s = clip(x + sum_c s_c a_c, 0, 1)
+    (the clipped step, so pixels at 0 or 1 count as they move).
+    x: (3, H, W); dirs: (C, 3, H, W); mask: (H, W). Returns (3^C,) float32 on x's device."""
+    xg = x.detach().float()[None].requires_grad_(True)
+    with torch.enable_grad(), eval_mode(model):
+        s0 = ops.score_ref(model(xg), mask, score)[0][0]   # the plain, differentiable score
+        (g,) = torch.autograd.grad(s0, xg)
+    g = g.flatten()
+    total = 3 ** dirs.shape[0]
+    out = []
+    for start in range(0, total, chunk):
+        step = ops.candidates(x, dirs, start, min(chunk, total - start)) - x
+        out.append(step.flatten(1) @ g)
+    return s0.detach() + torch.cat(out)
 
+
+def _pick(scores: torch.Tensor, select: str) -> torch.Tensor:
+    """Position of the best score (argmin / argmax; the first on ties), on the device."""
+    return scores.argmin() if select == "argmin" else scores.argmax()
+
+
+def _short_list(scores: torch.Tensor, k: int, select: str) -> torch.Tensor:
+    """The ``k`` best positions of ``scores`` (ties: lower position first), in ascending
+    order, so that a later first-on-ties pick among them is the lowest index."""
+    order = torch.argsort(scores if select == "argmin" else -scores, stable=True)
+    return order[:k].sort().values
+
+
+@torch.no_grad()
+def search_image(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
+                 score: str = "l1", select: str = "argmin", chunk: int = 243, amp: bool = False,
+                 channels_last: bool = False, exact_top: int = 16, search: str = "exact",
+                 screen_k: int = 54, compile: bool = False) -> tuple[int, float]:
+    """Best of the 3^C candidates of one image against its true mask (model in eval mode).
+
+    x: (3, H, W) in [0, 1]; dirs: (C, 3, H, W); mask: (H, W) int64.
+    search "exact" (the paper): every candidate is scored. "screened" (beyond the paper):
+    :func:`first_order_scores` ranks all of them and only the ``screen_k`` best are
+    scored. amp: those scores come from a bf16-autocast forward, and the ``exact_top``
+    best of them are rescored in fp32; the winner is always decided by fp32 scores.
+    channels_last: candidates in channels-last layout (the model's weights are left
+    alone); compile: a torch.compile'd forward. One host sync, at the end.
+    Returns (best base-3 index, its fp32 score); ties go to the lowest index."""
+    if search not in SEARCHES:
+        raise ValueError(f"search {search!r} is not one of {SEARCHES}")
+    net = _net(model, compile)
+    kw = dict(score=score, select=select, chunk=chunk, channels_last=channels_last)
+    index = None                                             # None: all 3^C, in order
+    if search == "screened":
+        index = _short_list(first_order_scores(model, x, dirs, mask, score, chunk), screen_k, select)
+    scores = _scores(net, x, dirs, mask, index, amp=amp, **kw)
+    if amp:                                                  # fp32 decides among the bf16 short list
+        top = _short_list(scores, exact_top, select)
+        index = top if index is None else index[top]
+        scores = _scores(net, x, dirs, mask, index, amp=False, **kw)
+    best = _pick(scores, select)
+    pos = best if index is None else index[best]
+    idx, value = torch.stack([pos.double(), scores[best].double()]).tolist()  # the one sync
+    return int(idx), value
+
+
+def method_two(model: torch.nn.Module, x: torch.Tensor, masks: torch.Tensor, cfg: Method2Params
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signed-combination search for a batch x (N, 3, H, W) with true masks (N, H, W),
+    with the search, precision, layout and compile settings of ``cfg``.
+
+    The directions are always computed in fp32 (C backward passes, cheap beside the 3^C
+    forwards), so that with ``cfg.amp`` the candidates, and the fp32 winner among the
+    bf16 short list, are those of the fp32 search.
     Returns (best images (N, 3, H, W), sign vectors (N, C) int8, scores (N,) float32,
     base-3 indices (N,) int64)."""
-    dirs = class_directions(model, x, cfg.eps, amp)
-    dtype = torch.bfloat16 if amp and x.device.type == "cuda" else None
+    dirs = class_directions(model, x, cfg.eps)
     out, idxs, scores = [], [], []
     with eval_mode(model):
         for i in range(len(x)):
-            idx, value = search_image(model, x[i], dirs[i], masks[i], cfg.score, cfg.select, cfg.chunk, dtype)
+            idx, value = search_image(model, x[i], dirs[i], masks[i], cfg.score, cfg.select, cfg.chunk,
+                                      amp=cfg.amp, channels_last=cfg.channels_last, exact_top=cfg.exact_top,
+                                      search=cfg.search, screen_k=cfg.screen_k, compile=cfg.compile)
             out.append(ops.candidates_ref(x[i], dirs[i], idx, 1)[0])
             idxs.append(idx)
             scores.append(value)
@@ -109,7 +199,7 @@ def _model_digest(model: torch.nn.Module) -> str:
 
 
 def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out: str | os.PathLike,
-              cfg, device: torch.device, provenance: dict, progress: bool = True, shard: Shard = Shard(),
+              cfg, device: torch.device, provenance: dict, progress: bool = True, shard: Shard | None = None,
               group: Group | None = None) -> dict[str, float] | None:
     """Write data/<method>.h5: the training split of ``clean`` perturbed by ``method``
     (true masks and channel bits kept), chunk by chunk (``batch_size`` images). Returns summary
@@ -121,6 +211,10 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     ops backend and kernel digest, source of the code that computes them): a killed run resumes from its last finished chunk, shards computed
     elsewhere are merged, and the dataset is the same bytes as one uninterrupted
     process writes. The folder is removed once ``out`` is complete."""
+    from .data import create_dataset, file_md5, has_channels, image_size, iter_chunks, split_of
+    from .distributed import ChunkStore, Shard, chunk_sizes, is_main, run_chunks, source_digest
+
+    shard = Shard() if shard is None else shard
     mcfg: Method1Params | Method2Params = getattr(cfg, method)
     train = split_of(clean, "train")
     n = len(train)
@@ -196,7 +290,8 @@ def _augment_stage(p, method: str, seed: int, shard_spec: str | None, group) -> 
     import mlflow
 
     from . import figures, paths, tracking
-    from .data import head, require, write_json
+    from .data import file_md5, head, require, write_json
+    from .distributed import Shard, is_main
     from .evaluate import predict
     from .params import section_dict, show_progress
     from .train import load_weights, pick_device

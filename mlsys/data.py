@@ -359,10 +359,11 @@ def create_dataset(path: str | os.PathLike, n: int, size: int, attrs: dict,
         yield w
 
 
-def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.ndarray],
-               types: np.ndarray, out: str | os.PathLike, cfg: DataParams, source: str,
-               image_size: int, where: str, progress: bool = True) -> dict[str, int]:
-    """Convert raw PanNuke-layout chunks to the HDF5 dataset at ``out``."""
+def import_raw(chunks: Iterator[tuple[np.ndarray, np.ndarray]], types: np.ndarray,
+               out: str | os.PathLike, cfg: DataParams, source: str, image_size: int, where: str,
+               progress: bool = True) -> dict[str, int]:
+    """Convert raw PanNuke-layout (images, masks) chunks to the HDF5 dataset at ``out``,
+    one chunk in memory at a time."""
     n = len(types)
     attrs = {"source": source, "normalise": cfg.normalise, "split_seed": cfg.split_seed,
              "split_ratio": cfg.split, "n_images": n, "kind": "clean"}
@@ -372,7 +373,7 @@ def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.nd
             tqdm(total=n, desc="prepare", unit="img", disable=not progress) as bar:
         w.write(0, tissue=np.asarray(types).astype(str).astype(object))
         start = 0
-        for images, masks in zip(images_chunks, masks_chunks):
+        for images, masks in chunks:
             check_raw_chunk(images, masks, f"{where} images {start}..{start + len(images) - 1}")
             sem = semantic_masks(masks)
             counts += np.bincount(sem.ravel(), minlength=N_CLASSES)
@@ -391,14 +392,14 @@ def import_raw(images_chunks: Iterator[np.ndarray], masks_chunks: Iterator[np.nd
 def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> dict[str, int]:
     """Build the clean dataset (synthetic default or a PanNuke fold) at ``out``."""
     if cfg.source == "synthetic":
-        from .synthetic import generate
+        from .synthetic import generate_chunks, tissue_types
 
-        images, masks, types = generate(cfg.n_images, cfg.image_size, cfg.synthetic_seed, progress)
-        chunk = 64
-        return import_raw((images[i:i + chunk] for i in range(0, len(images), chunk)),
-                          (masks[i:i + chunk] for i in range(0, len(masks), chunk)),
-                          types, out, cfg, f"synthetic(seed={cfg.synthetic_seed})",
-                          cfg.image_size, "synthetic", progress)
+        # streamed: one chunk of 64 patches in memory, whatever n_images
+        chunks = generate_chunks(cfg.n_images, cfg.image_size, cfg.synthetic_seed, 64, progress=False)
+        return import_raw(((images, masks) for images, masks, _ in chunks),
+                          tissue_types(cfg.n_images, cfg.synthetic_seed),
+                          out, cfg, f"synthetic(seed={cfg.synthetic_seed})", cfg.image_size,
+                          "synthetic", progress)
     if not cfg.pannuke_path:
         raise DataError("params: data.pannuke_path is empty; set it to your PanNuke fold zip or folder")
     src = PanNukeSource(cfg.pannuke_path, cfg.fold)
@@ -424,7 +425,7 @@ def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> d
         with src.open("types") as f:
             types = next(_npy_chunks(f, name["types"], max(n, 1)))
         with src.open("images") as fi, src.open("masks") as fm:
-            return import_raw(_npy_chunks(fi, name["images"], 32), _npy_chunks(fm, name["masks"], 32),
+            return import_raw(zip(_npy_chunks(fi, name["images"], 32), _npy_chunks(fm, name["masks"], 32)),
                               types, out, cfg, f"pannuke:{src.path.name}:fold{cfg.fold}", size,
                               str(src.path), progress)
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a damaged download

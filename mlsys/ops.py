@@ -57,8 +57,18 @@ def candidates_ref(x: torch.Tensor, dirs: torch.Tensor, start: int, count: int,
     if start < 0 or count < 0 or start + count > 3**C:
         raise ValueError(f"candidate range [{start}, {start + count}) outside [0, {3**C})")
     idx = torch.arange(start, start + count, device=x.device)
-    signs = index_signs(idx, C).to(torch.float32)
-    out = x.float()[None] + (signs @ dirs.float().flatten(1)).view(count, *x.shape)
+    return candidates_at(x, dirs, idx, lo, hi, dtype, channels_last)
+
+
+def candidates_at(x: torch.Tensor, dirs: torch.Tensor, index: torch.Tensor, lo: float = 0.0,
+                  hi: float = 1.0, dtype: torch.dtype | None = None,
+                  channels_last: bool = False) -> torch.Tensor:
+    """The candidates of arbitrary base-3 indices (K,) int64 (plain PyTorch, any device;
+    a screened search's short list). x: (3, H, W); dirs: (C, 3, H, W).
+    Returns (K, 3, H, W) clip(x + sum_c s_c(i) dirs[c], lo, hi) in ``dtype`` (default x's),
+    summed and clipped in float32 like :func:`candidates`."""
+    signs = index_signs(index.to(x.device), dirs.shape[0]).to(torch.float32)
+    out = x.float()[None] + (signs @ dirs.float().flatten(1)).view(len(index), *x.shape)
     out = out.clamp(lo, hi).to(dtype or x.dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 

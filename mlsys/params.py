@@ -13,8 +13,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 CLASS_NAMES = ("background", "neoplastic", "inflammatory", "connective", "dead", "epithelial")
 
 # The one list of the four models: which datasets (training splits) each learns from
@@ -105,6 +103,7 @@ class Method1Params:
     steps: int = 10                # iterations per class pass (paper: 100)
     mode: str = "faithful"         # attack mode, as in AttackParams
     batch_size: int = 32           # images attacked at once (also the HDF5 chunk written)
+    amp: bool = False              # bf16 autocast of the attack's forward/backward on CUDA
 
 
 @dataclass
@@ -114,6 +113,12 @@ class Method2Params:
     select: str = "argmin"         # "argmin": best match to the true mask (enhance); "argmax": adversarial
     chunk: int = 243               # candidates per forward pass (divides 729 = 3^6)
     batch_size: int = 8            # images whose directions are computed at once
+    search: str = "exact"          # "exact": score all 3^C candidates (paper); "screened": first-order short list
+    screen_k: int = 54             # screened: candidates scored exactly, the best of a first-order ranking
+    amp: bool = True               # bf16-autocast forwards screen (CPU and CUDA); fp32 rescoring decides
+    exact_top: int = 16            # amp: the best bf16-scored candidates rescored in fp32
+    channels_last: bool = True     # candidates in channels-last memory format (weights untouched)
+    compile: bool = False          # torch.compile the U-Net forward of the search
 
 
 @dataclass
@@ -199,6 +204,11 @@ class Params:
                '"argmin" or "argmax"')
         _check(m2.chunk >= 1, "augment.method2.chunk", m2.chunk, ">= 1")
         _check(m2.batch_size >= 1, "augment.method2.batch_size", m2.batch_size, ">= 1")
+        _check(m2.search in ("exact", "screened"), "augment.method2.search", m2.search,
+               '"exact" or "screened"')
+        _check(1 <= m2.screen_k <= 3**m.n_classes, "augment.method2.screen_k", m2.screen_k,
+               f"1..3**model.n_classes = {3**m.n_classes}")
+        _check(m2.exact_top >= 1, "augment.method2.exact_top", m2.exact_top, ">= 1")
         _check(self.evaluate.batch_size >= 1, "evaluate.batch_size", self.evaluate.batch_size, ">= 1")
         _check(0 < self.evaluate.paper_threshold < 1, "evaluate.paper_threshold",
                self.evaluate.paper_threshold, "in (0, 1)")
@@ -269,6 +279,8 @@ def _coerce(key: str, value, hint):
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate ``params.yaml``; a missing file gives the defaults."""
+    import yaml  # here, not at import: the kernels' modules import this one on GPU machines without yaml
+
     path = Path(path)
     raw = {}
     if path.exists():

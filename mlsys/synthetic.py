@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -97,14 +98,9 @@ def generate(n: int, size: int, seed: int, progress: bool = True
               background pixels, else 0; "void" pixels are 0 in all six channels
       types:  (n,) numpy array of str tissue names
     Patch i depends only on (seed, i, size). ``progress`` shows a tqdm bar.
+    Holds all n patches in memory; :func:`generate_chunks` streams the same bytes.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
-        raise ValueError(f"size must be an integer >= 8, got {size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    n, size, seed = int(n), int(size), int(seed)
+    n, size, seed = _check_args(n, size, seed)
     images = np.empty((n, size, size, 3), dtype=np.float64)
     masks = np.zeros((n, size, size, 6), dtype=np.float64)
     types = []
@@ -115,7 +111,49 @@ def generate(n: int, size: int, seed: int, progress: bool = True
     return images, masks, np.array(types)
 
 
+def generate_chunks(n: int, size: int, seed: int, chunk: int = 64, progress: bool = True
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The patches of :func:`generate` (same bytes for the same arguments), ``chunk`` at a
+    time: yields (images (k, S, S, 3), masks (k, S, S, 6), types (k,)) for patches
+    [j * chunk, j * chunk + k), k = chunk except in the last. Memory is one chunk, whatever n."""
+    n, size, seed = _check_args(n, size, seed)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    grid = _Grid(size)
+    with tqdm(total=n, desc="synthetic", disable=not progress, unit="patch") as bar:
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            images = np.empty((k, size, size, 3), dtype=np.float64)
+            masks = np.zeros((k, size, size, 6), dtype=np.float64)
+            types = [_patch(np.random.default_rng([seed, start + j]), grid, images[j], masks[j])
+                     for j in range(k)]
+            bar.update(k)
+            yield images, masks, np.array(types)
+
+
+def tissue_types(n: int, seed: int) -> np.ndarray:
+    """(n,) str tissue names of the patches of :func:`generate`, without drawing the patches
+    (the tissue is each patch stream's first draw; the size does not enter)."""
+    n, _, seed = _check_args(n, 8, seed)
+    return np.array([TISSUES[_tissue(np.random.default_rng([seed, i]))] for i in range(n)])
+
+
 # --------------------------------------------------------------------------- internals
+def _check_args(n, size, seed) -> tuple[int, int, int]:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(n), int(size), int(seed)
+
+
+def _tissue(rng: np.random.Generator) -> int:
+    """A patch's tissue index: the first draw of its stream."""
+    return min(int(np.searchsorted(_TISSUE_CUM, rng.random(), side="right")), len(TISSUES) - 1)
+
+
 class _Grid:
     """Per-size helpers shared by all patches: pixel-centre coordinates (fractions of
     the side) and bilinear resampling indices for smooth noise."""
@@ -137,7 +175,7 @@ class _Grid:
 def _patch(rng: np.random.Generator, g: _Grid, image: np.ndarray, mask: np.ndarray) -> str:
     """Fill one patch in place: image (S, S, 3) and mask (S, S, 6). Returns the tissue name."""
     size = g.size
-    tissue = min(int(np.searchsorted(_TISSUE_CUM, rng.random(), side="right")), len(TISSUES) - 1)
+    tissue = _tissue(rng)
     fibre_angle = rng.uniform(0.0, np.pi)
     c_h, c_e, c_d = _stroma(rng, g, fibre_angle, rng.random() < _WHITE_P[tissue])
 

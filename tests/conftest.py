@@ -55,3 +55,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")

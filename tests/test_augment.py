@@ -4,7 +4,10 @@ selections, chunk boundaries, the clean image winning), the per-class directions
 against one gradient at a time, and method one against hand-chained PGD passes."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 
@@ -13,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from mlsys.attacks import full_area, input_grad, pgd
-from mlsys.augment import class_directions, method_one, method_two, search_image
+from mlsys.augment import class_directions, first_order_scores, method_one, method_two, search_image
 from mlsys.model import UNet
 from mlsys.ops import index_signs
-from mlsys.params import Method1Params, Method2Params
+from mlsys.params import Method1Params, Method2Params, Params, ParamsError
 
 SIZE = 8
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -69,7 +73,8 @@ def test_method_two_finds_the_brute_force_best(n_classes, score, select):
     model = unet(n_classes)
     x, masks = batch(2, n_classes)
     # chunk 50 does not divide 27 or 729: the best may sit in any chunk, the last one short
-    cfg = Method2Params(eps=0.05, score=score, select=select, chunk=50 if n_classes == 6 else 10)
+    cfg = Method2Params(eps=0.05, score=score, select=select, chunk=50 if n_classes == 6 else 10,
+                        amp=False, channels_last=False)  # the plain fp32 search (fast paths: below)
     model.train()  # method two must evaluate the model regardless
     images, signs, scores, indices = method_two(model, x, masks, cfg)
     assert model.training
@@ -161,6 +166,172 @@ def test_class_directions_match_one_gradient_at_a_time():
             assert torch.equal(dirs[n, c], want), f"image {n}, class {c}"
     assert ((dirs == 0) | (dirs.abs() == torch.tensor(eps))).all()
     assert (dirs != 0).float().mean() > 0.9
+
+
+# --------------------------------------------------------------------------- fast paths
+def best_of(table, select):
+    pick = min if select == "argmin" else max
+    return pick(v for _, v in table.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("score, select", [("l1", "argmin"), ("ce", "argmax")])
+def test_bf16_screen_keeps_the_fp32_optimum(seed, score, select):
+    """amp: a bf16-autocast forward (CPU autocast here) screens all candidates, the
+    exact_top best are rescored in fp32: the winner's fp32 score is the all-fp32 optimum
+    (brute force), on random models."""
+    C = 6
+    model = unet(C, seed)
+    x, masks = batch(2, C, seed + 10)
+    base = Method2Params(eps=0.05, score=score, select=select, chunk=100, amp=False,
+                         channels_last=False)
+    dirs = class_directions(model, x, base.eps)
+    for cfg in (dataclasses.replace(base, amp=True, exact_top=8),
+                dataclasses.replace(base, amp=True, exact_top=8, channels_last=True)):
+        images, signs, scores, indices = method_two(model, x, masks, cfg)
+        for n in range(len(x)):
+            table = brute_force(model, x[n], dirs[n], masks[n], score)
+            best = best_of(table, select)
+            assert abs(float(scores[n]) - best) <= 1e-6 * max(1.0, abs(best)), (cfg, n)
+            assert abs(table[tuple(signs[n].tolist())][1] - best) <= 1e-6 * max(1.0, abs(best))
+            torch.testing.assert_close(images[n], table[tuple(signs[n].tolist())][0], atol=1e-6, rtol=0)
+
+
+def test_bf16_screen_is_rescored_in_fp32():
+    """With exact_top 1 the bf16 screen alone picks the winner, and the score returned is
+    still that candidate's fp32 score (not its bf16 one)."""
+    C = 6
+    model = unet(C, 3).eval()
+    x, masks = batch(1, C, 4)
+    dirs = class_directions(model, x, 0.05)
+    table = brute_force(model, x[0], dirs[0], masks[0], "l1")
+    idx, value = search_image(model, x[0], dirs[0], masks[0], "l1", "argmin", 81, amp=True, exact_top=1)
+    s = tuple(int(v) for v in index_signs(torch.tensor([idx]), C)[0])
+    assert abs(value - table[s][1]) <= 1e-6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_search_equals_the_plain_one(channels_last):
+    C = 6
+    model = unet(C, 5).eval()
+    x, masks = batch(2, C, 6)
+    dirs = class_directions(model, x, 0.05)
+    for n in range(2):
+        table = brute_force(model, x[n], dirs[n], masks[n], "l1")
+        _, value = search_image(model, x[n], dirs[n], masks[n], "l1", "argmin", 243,
+                                channels_last=channels_last)
+        assert abs(value - best_of(table, "argmin")) <= 1e-6
+    # the model's weights are left in their layout
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_search_equals_the_plain_one():
+    """torch.compile'd forward (CPU inductor: ~30 s to compile)."""
+    C = 6
+    model = unet(C, 7).eval()
+    x, masks = batch(1, C, 8)
+    dirs = class_directions(model, x, 0.05)
+    table = brute_force(model, x[0], dirs[0], masks[0], "l1")
+    _, value = search_image(model, x[0], dirs[0], masks[0], "l1", "argmin", 243, compile=True)
+    assert abs(value - best_of(table, "argmin")) <= 1e-5
+
+
+def test_first_order_scores_match_a_plain_linearisation():
+    """score(x) + <grad_x score(x), x_s - x> for every candidate, against autograd of the
+    brute-force score and the brute-force candidates."""
+    C = 4
+    model = unet(C, 9).eval()
+    x, masks = batch(1, C, 10)
+    dirs = class_directions(model, x, 0.05)[0]
+    table = brute_force(model, x[0], dirs, masks[0], "l1")
+    xg = x[0].clone().requires_grad_(True)
+    onehot = F.one_hot(masks[0], C).permute(2, 0, 1).float()
+    s0 = (onehot - model(xg[None]).softmax(1)).abs().mean()
+    (g,) = torch.autograd.grad(s0, xg)
+    # brute_force enumerates product((-1, 0, 1)), our base-3 index another order: map it
+    signs = index_signs(torch.arange(3**C), C)
+    want = torch.stack([s0.detach() + ((table[tuple(s.tolist())][0] - x[0]) * g).sum() for s in signs])
+    got = first_order_scores(model, x[0], dirs, masks[0], "l1", chunk=10)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # the prediction is informative: it ranks the exact scores better than chance
+    exact = torch.tensor([table[tuple(s.tolist())][1] for s in signs])
+    assert torch.corrcoef(torch.stack([got, exact]))[0, 1] > 0.3
+
+
+@pytest.mark.parametrize("select", ["argmin", "argmax"])
+def test_screened_search_keeps_the_best_of_its_short_list(select):
+    C = 6
+    model = unet(C, 11).eval()
+    x, masks = batch(2, C, 12)
+    dirs = class_directions(model, x, 0.05)
+    for n in range(2):
+        table = brute_force(model, x[n], dirs[n], masks[n], "l1")
+        signs = index_signs(torch.arange(3**C), C)
+        exact = torch.tensor([table[tuple(s.tolist())][1] for s in signs])
+        pred = first_order_scores(model, x[n], dirs[n], masks[n], "l1")
+        for k in (1, 9, 81):
+            order = torch.argsort(pred if select == "argmin" else -pred, stable=True)[:k]
+            want = exact[order].min() if select == "argmin" else exact[order].max()
+            idx, value = search_image(model, x[n], dirs[n], masks[n], "l1", select, 50,
+                                      search="screened", screen_k=k)
+            assert idx in order.tolist() and abs(value - float(want)) <= 1e-6
+            assert abs(float(exact[idx]) - value) <= 1e-6
+        # the whole list is the exact search
+        _, value = search_image(model, x[n], dirs[n], masks[n], "l1", select, 243,
+                                search="screened", screen_k=3**C)
+        assert abs(value - best_of(table, select)) <= 1e-6
+    with pytest.raises(ValueError, match="search 'greedy' is not one of"):
+        search_image(model, x[0], dirs[0], masks[0], search="greedy")
+
+
+def test_method_two_takes_the_search_settings_from_cfg():
+    C = 6
+    model = unet(C, 13)
+    x, masks = batch(2, C, 14)
+    cfg = Method2Params(eps=0.05, chunk=100, search="screened", screen_k=5, amp=True, exact_top=2)
+    _, _, scores, indices = method_two(model, x, masks, cfg)
+    dirs = class_directions(model, x, cfg.eps)
+    for n in range(2):
+        want = search_image(model.eval(), x[n], dirs[n], masks[n], "l1", "argmin", 100, amp=True,
+                            exact_top=2, search="screened", screen_k=5)
+        assert (int(indices[n]), float(scores[n])) == (want[0], pytest.approx(want[1], abs=1e-7))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("search", "greedy", '"exact" or "screened"'), ("screen_k", 0, r"1\.\.3\*\*model\.n_classes = 729"),
+    ("screen_k", 730, ".*729"), ("exact_top", 0, ">= 1")])
+def test_method_two_settings_are_validated(key, value, message):
+    p = Params()
+    setattr(p.augment.method2, key, value)
+    with pytest.raises(ParamsError, match=f"augment.method2.{key} = .* expected {message}"):
+        p.validate()
+
+
+def test_the_searches_import_without_yaml_tqdm_h5py_mlflow_dvc():
+    """GPU machines lack some packages: the searches and ops must import with torch alone."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('yaml', 'tqdm', 'h5py', 'mlflow', 'dvc'):\n"
+            "            raise ImportError('blocked ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from mlsys.augment import class_directions, search_image, method_two\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast of the attack is CUDA only")
+def test_method_one_amp_reaches_pgd():
+    C = 3
+    model = unet(C).cuda()
+    x, _ = batch(2, C)
+    x = x.cuda()
+    cfg = Method1Params(eps=0.02, steps=3)
+    amp = method_one(model, x, dataclasses.replace(cfg, amp=True))
+    want = x
+    for c in range(C):
+        want = pgd(model, want, full_area(want, c), eps=cfg.eps, steps=cfg.steps, amp=True)
+    torch.testing.assert_close(amp, want, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------- method one

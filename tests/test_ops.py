@@ -129,6 +129,19 @@ def test_candidates_index_zero_is_clean_and_clipped(device):
     assert empty.shape == (0, 3, 8, 8)
 
 
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)])
+def test_candidates_at_arbitrary_indices_match_the_range_op(dtype, channels_last):
+    """The screened search's short list (unordered, repeated indices) against the candidates
+    of the whole range (the native op where built, else the reference)."""
+    x, dirs = inputs(5, 7, 9, "cpu")
+    index = torch.tensor([242, 0, 17, 17, 121, 3])
+    got = ops.candidates_at(x, dirs, index, 0.0, 1.0, dtype, channels_last)
+    want = ops.candidates(x, dirs, 0, 243, 0.0, 1.0, dtype, channels_last)[index]
+    assert got.dtype == dtype and got.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(got, want, atol=CAND_ATOL[dtype], rtol=0)
+
+
 def test_candidates_wrapper_defaults_to_input_dtype():
     need_native()
     x, dirs = inputs(3, 6, 6, "cpu")

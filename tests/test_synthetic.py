@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mlsys.synthetic import TISSUES, generate
+from mlsys.synthetic import TISSUES, generate, generate_chunks, tissue_types
 
 N_STATS, SIZE = 200, 32
 
@@ -50,6 +50,23 @@ def test_patch_i_independent_of_n():
     small, large = generate(5, SIZE, 3, progress=False), generate(10, SIZE, 3, progress=False)
     for x, y in zip(small, large):
         assert np.array_equal(x, y[:5])
+
+
+@pytest.mark.parametrize("size, chunk", [(32, 3), (16, 64), (24, 1)])
+def test_streamed_chunks_are_the_same_bytes(size, chunk):
+    n, seed = 7, 5
+    want = generate(n, size, seed, progress=False)
+    got = list(generate_chunks(n, size, seed, chunk, progress=False))
+    assert [len(c[0]) for c in got] == [min(chunk, n - s) for s in range(0, n, chunk)]
+    for w, g in zip(want, zip(*got)):
+        g = np.concatenate(g)
+        assert g.dtype == w.dtype and np.array_equal(g, w)
+    assert np.array_equal(tissue_types(n, seed), want[2])  # without drawing the patches
+
+
+def test_streamed_bad_chunk():
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1, got 0"):
+        next(generate_chunks(3, 16, 0, 0))
 
 
 # --------------------------------------------------------------------------- layout
