@@ -306,12 +306,12 @@ def _augment_stage(p, method: str, seed: int, shard_spec: str | None, group) -> 
                              {"mlsys.stage": "augment", "mlsys.method": method, "mlsys.seed": str(seed),
                               "mlsys.ops_backend": ops.build_id()}) if main else contextlib.nullcontext()
     with run:  # a refused stage (missing input, stale kernels) ends its run FAILED, leaving nothing behind
-        require(paths.CLEAN, "prepare")
         require(weights, paths.stage_name("train", "model1", seed))
         if method == "method2":
             ops.require_current()
         device = group.device if group else pick_device(p.augment.device)
         model = load_weights(weights, p.model).to(device).eval()
+        require(paths.CLEAN, "prepare")
         if main:
             tracking.log_dataset(paths.CLEAN, "source")
         provenance = {"producing_model": weights, "producing_model_md5": file_md5(weights),

@@ -257,10 +257,10 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
                               "mlsys.attack_mode": acfg.mode, "mlsys.seed": str(seed)}) \
         if main else contextlib.nullcontext()
     with run:  # a refused stage (missing input) ends its run FAILED, leaving no output behind
-        require(paths.CLEAN, "prepare")
         require(weights, paths.stage_name("train", name, seed))
         device = group.device if group else pick_device(p.train.device)
         model = load_weights(weights, p.model).to(device).eval()
+        require(paths.CLEAN, "prepare")
         out = Path(paths.eval_metrics(name, seed))
         store = ChunkStore(out.with_name(f".{out.name}.partial"), {  # finished chunks: resume and merge
             "weights_md5": file_md5(weights), "clean_md5": file_md5(paths.CLEAN),

@@ -42,7 +42,7 @@ def test_failing_stage_ends_its_run_failed(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")          # marks the project root
     out = mlsys(tmp_path, "evaluate", "model1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert "data/clean.h5 does not exist; it is made by the prepare stage" in out.stderr
+    assert "models/seed0/model1.pt does not exist; it is made by the train-model1@0 stage" in out.stderr
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mlsys").experiment_id])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("evaluate-model1@0", "FAILED")]

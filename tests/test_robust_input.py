@@ -166,7 +166,7 @@ PARAMS = [
     ("split of two", {"data": {"split": [6, 1]}}, "expected three positive ratios train:valid:test"),
     ("split negative", {"data": {"split": [6, -1, 2]}}, "data.split = [6, -1, 2] is invalid"),
     ("split too fine for the data", {"data": {"n_images": 4, "split": [6, 1, 2]}},
-     "4 images cannot be split 6:1:2 with at least one image per split"),
+     "params: data.split = [6, 1, 2] needs at least 9 images for one image per split; the data hold 4"),
     ("image size the U-Net cannot pool", {"data": {"image_size": 20}, "model": {"depth": 3}},
      "data.image_size = 20 is invalid; expected a positive multiple of 2**model.depth = 8"),
     ("unknown score", {"augment": {"method2": {"score": "l2"}}}, "augment.method2.score = 'l2' is invalid"),
@@ -290,7 +290,7 @@ def _in_train(name, value):
 
 
 H5 = [
-    ("clean.h5 missing", lambda p: p.unlink(), "dataset data/clean.h5 does not exist"),
+    ("clean.h5 missing", lambda p: p.unlink(), "data/clean.h5 does not exist; it is made by the prepare stage"),
     ("clean.h5 truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 3]),
      "dataset data/clean.h5 is not a readable HDF5 file"),
     ("clean.h5 garbage", lambda p: p.write_bytes(b"\0garbage" * 1000), "is not a readable HDF5 file"),
@@ -357,7 +357,7 @@ def weights_cases(tmp: Path):
     yield ("another width", lambda p: save_weights(build_model(ModelParams(base=8, depth=2)),
                                                     ModelParams(base=8, depth=2), p), "differs in ['base']")
     yield ("another architecture", lambda p: torch.save({"state_dict": torch.nn.Linear(3, 2).state_dict()}, p),
-           "do not fit the U-Net of the params: 28 tensors differ (e.g. missing down.0.0.weight)")
+           "do not fit the U-Net of the params: 30 tensors differ (e.g. missing down.0.0.weight)")
     yield ("not a weights file", lambda p: torch.save([1, 2, 3], p), "are not an mlsys weights file")
     yield ("garbage bytes", lambda p: p.write_bytes(b"\x80\x02garbage"), "cannot be loaded safely")
     small = ModelParams(base=4, depth=2)
@@ -373,7 +373,7 @@ def test_bad_weights_files(project, capsys):
     write_params(project, {})
     weights = project / "models/seed0/model1.pt"
     for case, make, expected in weights_cases(project.parent):
-        weights.parent.mkdir(exist_ok=True)
+        weights.parent.mkdir(parents=True, exist_ok=True)
         make(weights)
         msg = expect_error(capsys, project, ["evaluate", "model1"], expected, outputs(project))
         assert "models/seed0/model1.pt" in msg, case
@@ -385,7 +385,7 @@ def test_malicious_training_checkpoint_is_refused(prepared, capsys):
     """The resume path (checkpoints/<model>.pt) loads with weights_only too."""
     marker = prepared.parent / "pwned-checkpoint"
     ckpt = prepared / "checkpoints/seed0/model1.pt"
-    ckpt.parent.mkdir()
+    ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(pickle.dumps({"model": Evil(marker)}, protocol=2))
     expect_error(capsys, prepared, ["train", "model1"], "checkpoint checkpoints/seed0/model1.pt cannot be loaded safely: "
                  "it holds more than tensors (Unsupported global: GLOBAL io.open",

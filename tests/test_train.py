@@ -64,7 +64,7 @@ def test_unknown_schedule_or_keep_is_a_params_error(key, value, expected):
 
 
 # a tiny run whose validation loss is lowest at epoch 0 and rises after it (checked in the tests)
-MCFG = ModelParams(base=4, depth=2, variant="original")
+MCFG = ModelParams(base=4, depth=2, variant="original", init="he")  # He: epoch 0 is the best here
 
 
 def best_first_run(keep: str, epochs: int = 3) -> TrainParams:
@@ -164,18 +164,18 @@ def test_checkpoint_without_the_best_weights_is_not_resumed_for_keep_best(tmp_pa
 
 
 def test_weights_roundtrip_and_mismatch(tmp_path):
-    cfg = ModelParams(base=4, depth=2)
+    cfg = ModelParams(base=4, depth=2, variant="standard", init="he")
     model = build_model(cfg)
     save_weights(model, cfg, tmp_path / "m.pt")
     loaded = load_weights(tmp_path / "m.pt", cfg)
     x = torch.rand(1, 3, 8, 8)
     assert torch.equal(model.eval()(x), loaded.eval()(x))
     with pytest.raises(CheckpointError, match="differs in \\['base'\\]"):
-        load_weights(tmp_path / "m.pt", ModelParams(base=8, depth=2))
+        load_weights(tmp_path / "m.pt", ModelParams(base=8, depth=2, variant="standard", init="he"))
     with pytest.raises(CheckpointError, match="do not exist"):
         load_weights(tmp_path / "none.pt", cfg)
     with pytest.raises(CheckpointError, match="model.variant = 'standard', params.yaml says 'original'"):
-        load_weights(tmp_path / "m.pt", ModelParams(base=4, depth=2, variant="original"))
+        load_weights(tmp_path / "m.pt", ModelParams(base=4, depth=2, variant="original", init="he"))
 
 
 def test_weights_from_before_variant_and_init_load_as_the_standard_he_unet(tmp_path):
@@ -187,7 +187,7 @@ def test_weights_from_before_variant_and_init_load_as_the_standard_he_unet(tmp_p
     x = torch.rand(1, 3, 8, 8)
     assert torch.equal(load_weights(tmp_path / "old.pt", cfg).eval()(x), model.eval()(x))
     with pytest.raises(CheckpointError, match=r"model.init = 'he', params.yaml says 'glorot'.*differs in \['init'\]"):
-        load_weights(tmp_path / "old.pt", ModelParams(base=4, depth=2, init="glorot"))
+        load_weights(tmp_path / "old.pt", ModelParams(base=4, depth=2, variant="standard", init="glorot"))
     with pytest.raises(CheckpointError, match=r"model.variant = 'standard', params.yaml says 'original'"):
         load_weights(tmp_path / "old.pt", ModelParams(base=4, depth=2, variant="original", init="he"))
 
