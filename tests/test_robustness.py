@@ -151,7 +151,7 @@ def test_resumed_and_fresh_runs_are_bit_identical(interrupted, pipeline):
     """Same params and seed in two folders, one killed and resumed: identical datasets,
     weights and metrics (CPU)."""
     repo, ref = interrupted["repo"], pipeline[0]
-    for name in ("clean.h5", "method2.h5"):
+    for name in ("clean.h5", "seed0/method2.h5"):
         assert_same_h5(repo / "data" / name, ref / "data" / name)
         # nothing time-dependent is stored: the files are byte for byte the same
         assert (repo / "data" / name).read_bytes() == (ref / "data" / name).read_bytes(), name
@@ -160,7 +160,7 @@ def test_resumed_and_fresh_runs_are_bit_identical(interrupted, pipeline):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for name in ("train/model1.json", "augment/method2.json"):
+    for name in ("train/seed0/model1.json", "augment/seed0/method2.json"):
         ma, mb = (json.loads((r / "metrics" / name).read_text()) for r in (repo, ref))
         ma.pop("mlflow_run_id", None), mb.pop("mlflow_run_id", None)
         assert ma == mb, name

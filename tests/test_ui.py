@@ -48,7 +48,8 @@ def test_mlflow_ui_shows_the_four_models(pipeline, artifacts_dir, tmp_path, caps
     repo, _ = pipeline
     client, runs = runs_of(repo)
     exp_id = runs[0].info.experiment_id
-    evaluate = {r.data.tags["mlsys.model"]: r for r in runs if r.data.tags.get("mlsys.stage") == "evaluate"}
+    evaluate = {r.data.tags["mlsys.model"]: r for r in runs if r.data.tags.get("mlsys.stage") == "evaluate"
+                and r.data.tags.get("mlsys.seed") == "0"}
     shots = {name: artifacts_dir / f"mlflow_{name}.png"
              for name in ("training_runs", "four_models", "run_page", "report")}
     with mlflow_service(repo, "ui") as url:
@@ -56,7 +57,8 @@ def test_mlflow_ui_shows_the_four_models(pipeline, artifacts_dir, tmp_path, caps
         # model's train and evaluate runs
         found = http_json(f"{url}/ajax-api/2.0/mlflow/runs/search",
                           {"experiment_ids": [exp_id], "filter": "tags.mlsys.model = 'model2'"})["runs"]
-        assert sorted(r["info"]["run_name"] for r in found) == ["evaluate-model2@0", "train-model2@0"]
+        assert sorted(r["info"]["run_name"] for r in found) == ["evaluate-model2@0", "evaluate-model2@1",
+                                                                 "train-model2@0", "train-model2@1"]
 
         # the address `mlsys ui` prints: the pipeline run, its stage runs folded under it
         runs_view = f"{url}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
@@ -69,8 +71,8 @@ def test_mlflow_ui_shows_the_four_models(pipeline, artifacts_dir, tmp_path, caps
                                         "compareRunsMode": "CHART"}, quote_via=urllib.parse.quote)
         dom = browse(f"{runs_view}&{query}", tmp_path / "p2", shots["four_models"])
         for model in ("model1", "model2", "model3", "model4"):
-            assert f"evaluate@{model}" in dom, f"evaluate@{model} is not shown (see {shots['four_models']})"
-        assert "<strong>4</strong> matching runs" in dom and "attack/dice" in dom
+            assert f"evaluate-{model}@0" in dom, f"evaluate-{model}@0 is not shown (see {shots['four_models']})"
+        assert "<strong>8</strong> matching runs" in dom and "attack/dice" in dom   # four models x two seeds
 
         # one model's run page: its metrics with their values
         run = evaluate["model3"]
