@@ -303,6 +303,7 @@ def test_method_two_takes_the_search_settings_from_cfg():
     ("screen_k", 730, ".*729"), ("exact_top", 0, ">= 1")])
 def test_method_two_settings_are_validated(key, value, message):
     p = Params()
+    p.augment.method2.search = "screened"   # screen_k is read (and checked) by the screened search only
     setattr(p.augment.method2, key, value)
     with pytest.raises(ParamsError, match=f"augment.method2.{key} = .* expected {message}"):
         p.validate()

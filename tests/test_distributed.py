@@ -46,6 +46,7 @@ def metrics(path: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 # --------------------------------------------------------------------------- DDP training
 def test_two_process_ddp_training_matches_one_process(tmp_path):
     repo = make_repo(tmp_path / "repo", merge(json.loads(json.dumps(MICRO)), {
@@ -85,6 +86,7 @@ def client_history(run_id: str, repo: Path):
     return client.get_metric_history(run_id, "train/loss")
 
 
+@pytest.mark.slow
 # --------------------------------------------------------------------------- shards
 def test_shards_and_ranks_merge_into_the_single_process_outputs(pipeline, tmp_path):
     ref = pipeline[0]
@@ -185,6 +187,7 @@ def _still_alive(pids: list[int]) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_killing_one_rank_fails_the_stage_cleanly(tmp_path):
     # 400 micro epochs take ~15 s with 2 processes here (~0.04 s each): the kill, right after
     # epoch 1's checkpoint, lands mid-training with a wide margin; the re-run finishes them

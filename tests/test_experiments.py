@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from micro import MODELS, PIPELINE_SEEDS, clone, run, runs_of
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the micro pipeline (`pytest -m 'not slow'` skips them)
 
 
 def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import yaml
 
 from micro import PIPELINE_SEEDS, run, runs_of, stages
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the micro pipeline (`pytest -m 'not slow'` skips them)
 
 
 def test_repro_logs_parent_and_stage_runs(pipeline):

@@ -65,6 +65,7 @@ def interrupted(tmp_path_factory):
     return seen
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_leaves_nothing_dvc_accepts_and_repro_completes(interrupted):
     seen, repo = interrupted, interrupted["repo"]
     # the HDF5 file is written (to a temporary, renamed when complete) once every chunk is done
@@ -84,6 +85,7 @@ def test_sigkill_mid_stage_leaves_nothing_dvc_accepts_and_repro_completes(interr
     assert images.shape == (18, 3, 16, 16) and masks.shape == (18, 16, 16)
 
 
+@pytest.mark.slow
 def test_sweep_marks_the_killed_runs_failed(interrupted):
     seen = interrupted
     names = seen["running"]     # what the crash left RUNNING: the stage and its pipeline run
@@ -147,6 +149,7 @@ def assert_same_h5(a: Path, b: Path) -> None:
             assert ca[key].dtype == cb[key].dtype and np.array_equal(ca[key], cb[key]), f"{a.name}:{key}"
 
 
+@pytest.mark.slow
 def test_resumed_and_fresh_runs_are_bit_identical(interrupted, pipeline):
     """Same params and seed in two folders, one killed and resumed: identical datasets,
     weights and metrics (CPU)."""
@@ -167,6 +170,7 @@ def test_resumed_and_fresh_runs_are_bit_identical(interrupted, pipeline):
     assert (repo / "plots/train/seed0/model1.csv").read_text() == (ref / "plots/train/seed0/model1.csv").read_text()
 
 
+@pytest.mark.slow
 def test_no_secret_lands_in_params_tags_or_artifacts(interrupted):
     """The stages ran with credentials in their environment: none of them is in the
     MLflow store (params, tags, metrics), its artifacts or any file of the repository."""
@@ -194,6 +198,7 @@ def wait_for_run(repo: Path, name: str, proc: subprocess.Popen, also: Path) -> N
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "received signal 15; stopped"),
                                            (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "SIGINT"])
 def test_signal_ends_stage_and_parent_killed(interrupted, sig, code, said):
@@ -300,7 +305,8 @@ def test_method1_resumes_from_its_last_chunk(tmp_path, capsys, one_thread):
     clean = tmp_path / "clean.h5"
     data.prepare(DataParams(n_images=18, image_size=16), clean, progress=False)
     torch.manual_seed(0)
-    model = build_model(ModelParams(base=4, depth=2)).eval()
+    mcfg = ModelParams(base=4, depth=2)
+    model = build_model(mcfg).eval()
     cfg = AugmentParams(method1=Method1Params(steps=2, batch_size=4))
     build_set("method1", model, clean, tmp_path / "ref.h5", cfg, torch.device("cpu"), {}, progress=False)
 
@@ -313,7 +319,7 @@ def test_method1_resumes_from_its_last_chunk(tmp_path, capsys, one_thread):
                 raise KeyboardInterrupt
             return super().forward(x)
 
-    crash = Crash(n_classes=6, base=4, depth=2)
+    crash = Crash(n_classes=6, base=4, depth=2, variant=mcfg.variant, init=mcfg.init)
     crash.load_state_dict(model.state_dict())
     out = tmp_path / "m1.h5"
     with pytest.raises(KeyboardInterrupt):

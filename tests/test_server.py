@@ -6,7 +6,11 @@ from __future__ import annotations
 import urllib.parse
 import urllib.request
 
+import pytest
+
 from micro import MICRO, env_for, http_json, make_repo, mlflow_service, run
+
+pytestmark = pytest.mark.slow  # end-to-end runs of the micro pipeline (`pytest -m 'not slow'` skips them)
 
 
 def test_pipeline_logs_to_a_tracking_server(tmp_path):

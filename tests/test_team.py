@@ -19,6 +19,8 @@ import pytest
 
 from micro import MICRO, STAGES, env_for, free_port, http_json, make_repo, mlflow_service, run
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the micro pipeline (`pytest -m 'not slow'` skips them)
+
 
 def postgres_bin() -> Path:
     """The folder of PostgreSQL's initdb and pg_ctl (Debian's newest /usr/lib/postgresql/N/bin,

@@ -14,6 +14,8 @@ import pytest
 
 from micro import http_json, mlflow_service, runs_of
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the micro pipeline (`pytest -m 'not slow'` skips them)
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--window-size=1800,1000", "--run-all-compositor-stages-before-draw"]
