@@ -206,112 +206,132 @@ def test_models_and_paths_agree_with_dvc_yaml():
 
 
 # --------------------------------------------------------------------------- bad input: one line, exit 2
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    """A folder with a micro params.yaml and nothing else (tracking.repo_root falls back to it)."""
+def micro_folder(folder: Path, over: dict | None = None) -> Path:
+    """A folder holding only a micro params.yaml (tracking.repo_root falls back to it)."""
+    folder.mkdir(parents=True)
     params = micro.merge(yaml.safe_load((ROOT / "params.yaml").read_text()), json.loads(json.dumps(micro.MICRO)))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    return tmp_path
+    (folder / "params.yaml").write_text(yaml.safe_dump(micro.merge(params, over or {})))
+    return folder
 
 
-def edit_params(folder: Path, over: dict) -> None:
-    params = micro.merge(yaml.safe_load((folder / "params.yaml").read_text()), over)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-def mlsys_fails(folder: Path, *args: str) -> str:
-    """Run ``python -m mlsys <args>`` (this checkout's code) in ``folder``; it must exit 2
-    with exactly one line on stderr, no traceback. Returns that line."""
-    env = micro.env_for(folder)
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "mlsys", *args], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, \
-        f"mlsys {' '.join(args)}: exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    assert lines[0].startswith(f"mlsys {args[0]}: error: "), lines[0]
-    return lines[0]
-
-
-def files_in(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
-@pytest.mark.parametrize("args", [("evaluate", "model1"), ("augment", "method2")])
-def test_missing_clean_data_is_one_line(workdir, args):
-    line = mlsys_fails(workdir, *args)
-    assert paths.CLEAN in line and "prepare stage" in line, line
-    assert files_in(workdir) == {"params.yaml"}
-
-
-def test_missing_weights_leave_no_partial_folder(workdir):
-    from mlsys import data
-    from mlsys.params import load_params
-
-    data.prepare(load_params(workdir / "params.yaml").data, workdir / paths.CLEAN, progress=False)
-    before = files_in(workdir)
-    line = mlsys_fails(workdir, "evaluate", "model1")
-    assert paths.weights("model1", 0) in line and "train-model1@0" in line, line
-    partial = Path(paths.eval_metrics("model1", 0))
-    assert not (workdir / partial.with_name(f".{partial.name}.partial")).exists()
-    assert files_in(workdir) == before
-
-
-def write_fold(folder: Path, n: int, size: int = 8) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+def write_fold(folder: Path, n: int, nan: bool = False, size: int = 8) -> Path:
     """A PanNuke-layout fold 2 (``Fold 2/images/fold2/{images,types}.npy``,
-    ``Fold 2/masks/fold2/masks.npy``) of ``n`` valid images; returns (folder, arrays)."""
+    ``Fold 2/masks/fold2/masks.npy``) of ``n`` images, valid unless ``nan`` (one NaN pixel)."""
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (n, size, size, 3)).astype(np.float64)
+    if nan:
+        images[n // 2, 1, 1, 0] = np.nan
     masks = np.zeros((n, size, size, 6))
     masks[:, 2:4, 2:4, 0] = 7.0  # one neoplastic nucleus each
-    types = np.array(["Breast"] * n)
     base = folder / "Fold 2"
-    for sub, arrays in (("images", {"images": images, "types": types}), ("masks", {"masks": masks})):
+    for sub, arrays in (("images", {"images": images, "types": np.array(["Breast"] * n)}), ("masks", {"masks": masks})):
         (base / sub / "fold2").mkdir(parents=True)
         for key, value in arrays.items():
             np.save(base / sub / "fold2" / f"{key}.npy", value)
-    return base, images, masks, types
+    return base
 
 
-def _prepare_refused(workdir: Path, base: Path) -> str:
-    edit_params(workdir, {"data": {"source": "pannuke", "pannuke_path": str(base), "fold": 2}})
-    before = files_in(workdir)
-    line = mlsys_fails(workdir, "prepare")
-    # no output and no temporary beside it (the MLflow store records the FAILED run)
-    left = files_in(workdir) - before - {"mlflow.db"}
-    assert not (workdir / paths.CLEAN).exists() and not left - {"data"}, left
-    return line
+def files_in(folder: Path) -> set[str]:
+    """Files (and links) under ``folder``, relative to it; empty folders do not count."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}
 
 
-def test_pannuke_nan_is_reported_before_the_split(workdir):
-    base, images, masks, types = write_fold(workdir / "fold", 4)
-    images[2, 1, 1, 0] = np.nan
-    np.save(base / "images" / "fold2" / "images.npy", images)
-    line = _prepare_refused(workdir, base)
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, set[str]]]:
+    """Each bad input run as ``python -m mlsys ...`` (this checkout's code) in its own micro
+    folder, all started together (each imports torch and MLflow: ~10 s on a busy 2-core
+    machine): name -> (the finished process, its folder, the files there before it ran)."""
+    from mlsys import data
+    from mlsys.model import build_model
+    from mlsys.params import load_params
+    from mlsys.train import save_weights
+
+    tmp = tmp_path_factory.mktemp("refusals")
+    cases = {"evaluate-no-clean": (micro_folder(tmp / "a"), ["evaluate", "model1"]),
+             "augment-no-clean": (micro_folder(tmp / "b"), ["augment", "method2"]),
+             "evaluate-no-weights": (micro_folder(tmp / "c"), ["evaluate", "model1"]),
+             "pannuke-nan": (micro_folder(tmp / "d", {"data": {"source": "pannuke", "fold": 2, "pannuke_path":
+                                                               str(write_fold(tmp / "fold-nan", 4, nan=True))}}),
+                             ["prepare"]),
+             "pannuke-two": (micro_folder(tmp / "e", {"data": {"source": "pannuke", "fold": 2, "pannuke_path":
+                                                               str(write_fold(tmp / "fold-two", 2))}}),
+                             ["prepare"]),
+             "train-seed": (micro_folder(tmp / "f", {"train": {"seed": 3}}), ["prepare"])}
+    folder = cases["evaluate-no-weights"][0]
+    data.prepare(load_params(folder / "params.yaml").data, folder / paths.CLEAN, progress=False)
+    for name in ("evaluate-no-clean", "augment-no-clean"):  # the stages load the weights before the data
+        folder = cases[name][0]
+        cfg = load_params(folder / "params.yaml").model
+        save_weights(build_model(cfg), cfg, folder / paths.weights("model1", 0))
+    procs = {}
+    for name, (folder, args) in cases.items():
+        env = micro.env_for(folder)
+        env["PYTHONPATH"] = str(ROOT)
+        before = files_in(folder)
+        procs[name] = (subprocess.Popen([sys.executable, "-m", "mlsys", *args], cwd=folder, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE), args, before)
+    done = {}
+    for name, (proc, args, before) in procs.items():
+        out, err = proc.communicate(timeout=600)
+        done[name] = (subprocess.CompletedProcess(args, proc.returncode, out, err), cases[name][0], before)
+    return done
+
+
+def refusal(refusals, name: str) -> str:
+    """The case's one stderr line, after checking exit status 2, no traceback, and that it left
+    no file behind but the MLflow store (which records the stage's run FAILED)."""
+    proc, folder, before = refusals[name]
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, \
+        f"mlsys {' '.join(proc.args)}: exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert lines[0].startswith(f"mlsys {proc.args[0]}: error: "), lines[0]
+    left = files_in(folder) - before - {"mlflow.db"}
+    assert not left, f"mlsys {' '.join(proc.args)} left {sorted(left)}"
+    return lines[0]
+
+
+@pytest.mark.slow  # six processes that each load torch and MLflow (~1 min)
+@pytest.mark.parametrize("name", ["evaluate-no-clean", "augment-no-clean"])
+def test_missing_clean_data_is_one_line(refusals, name):
+    line = refusal(refusals, name)
+    assert paths.CLEAN in line and "prepare stage" in line, line
+
+
+@pytest.mark.slow  # six processes that each load torch and MLflow (~1 min)
+def test_missing_weights_leave_no_partial_folder(refusals):
+    line = refusal(refusals, "evaluate-no-weights")
+    assert paths.weights("model1", 0) in line and "train-model1@0" in line, line
+    out = Path(paths.eval_metrics("model1", 0))
+    assert not (refusals["evaluate-no-weights"][1] / out.with_name(f".{out.name}.partial")).exists()
+
+
+@pytest.mark.slow  # six processes that each load torch and MLflow (~1 min)
+def test_pannuke_nan_is_reported_before_the_split(refusals):
+    line = refusal(refusals, "pannuke-nan")  # 4 images: also too few for the split, but NaN comes first
     assert "NaN" in line and "data.split" not in line, line
 
 
-def test_pannuke_too_few_images_for_the_split(workdir):
+@pytest.mark.slow  # six processes that each load torch and MLflow (~1 min)
+def test_pannuke_too_few_images_for_the_split(refusals):
     from mlsys import data
     from mlsys.params import load_params
 
-    ratios = load_params(workdir / "params.yaml").data.split
+    ratios = load_params(refusals["pannuke-two"][1] / "params.yaml").data.split
     total = sum(ratios)
     need = next(m for m in range(1, 100) if min(m * ratios[0] // total, m * ratios[1] // total,
                                                 m - m * ratios[0] // total - m * ratios[1] // total) >= 1)
     data.split_indices(need, ratios)          # enough: one image per split
     with pytest.raises(data.DataError):
         data.split_indices(need - 1, ratios)  # one fewer: refused
-    base, *_ = write_fold(workdir / "fold", 2)
-    line = _prepare_refused(workdir, base)
+    line = refusal(refusals, "pannuke-two")
     assert "data.split" in line and f"at least {need} images" in line and "hold 2" in line, line
 
 
-def test_train_seed_is_refused_naming_seeds(workdir):
-    edit_params(workdir, {"train": {"seed": 3}})
-    line = mlsys_fails(workdir, "prepare")
+@pytest.mark.slow  # six processes that each load torch and MLflow (~1 min)
+def test_train_seed_is_refused_naming_seeds(refusals):
+    line = refusal(refusals, "train-seed")
     assert "train.seed" in line and "`seeds`" in line, line
-    assert files_in(workdir) == {"params.yaml"}
+    assert files_in(refusals["train-seed"][1]) == {"params.yaml"}  # refused before any run is opened
 
 
 # --------------------------------------------------------------------------- kernel staleness
