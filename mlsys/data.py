@@ -272,13 +272,33 @@ def _clear_stale(path: Path) -> None:
             _remove(tmp)
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing parent folders of ``path``; returns them, deepest first."""
+    made = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        made.append(parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders made for an output that was not written, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another output landed there) or gone
+            return
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success,
     delete it on failure, so a killed or failed stage leaves no plausible output.
     Temporaries of killed earlier runs (SIGKILL runs no cleanup) are removed first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(path)
     _clear_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -287,6 +307,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not path.exists():
+            _remove_empty(made)
 
 
 @contextlib.contextmanager
@@ -295,7 +317,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     file): yields an empty temporary folder beside ``path`` that replaces ``path``
     only once everything in it is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(path)
     _clear_stale(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     _remove(tmp)
@@ -312,6 +334,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             _remove(tmp)
+        if not path.exists():
+            _remove_empty(made)
 
 
 class H5Writer:

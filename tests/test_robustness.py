@@ -378,3 +378,18 @@ def test_servers_bind_localhost_by_default():
     hosts = {name: sub.parse_args([]).host for name, sub in commands.items()
              if any(a.dest == "host" for a in sub._actions)}
     assert "ui" in hosts and set(hosts.values()) == {"127.0.0.1"}, hosts
+
+
+def test_a_refused_output_leaves_no_empty_folder(tmp_path):
+    from mlsys.data import atomic_path
+
+    for write_first in (True, False):   # refused half-way, or before anything was written
+        with pytest.raises(RuntimeError):
+            with atomic_path(tmp_path / "data/seed0/x.h5") as tmp:
+                if write_first:
+                    tmp.write_text("half")
+                raise RuntimeError("refused")
+        assert list(tmp_path.iterdir()) == []
+    with atomic_path(tmp_path / "data/seed0/x.h5") as tmp:
+        tmp.write_text("whole")
+    assert (tmp_path / "data/seed0/x.h5").read_text() == "whole"
