@@ -234,11 +234,14 @@ class StepStates:
     t updates. ``lowest`` True (apgd, each SEA loss): the attack returns, per image, the
     lowest-accuracy iterate of its last stage (later ones win ties), the point at t is
     that image among the current stage's iterates so far -- what the attack returns at
-    t = steps. (SEA's first stages run at 2 eps and 1.5 eps: its points before the last
-    40% of the steps lie outside the eps-ball.)"""
+    t = steps. Points before ``valid_from`` updates are NaN rows: SEA's first stages run at
+    2 eps and 1.5 eps, so its iterates before the last stage (the last 40% of the steps,
+    from that stage's start) lie outside the eps-ball and are no attack at eps."""
 
-    def __init__(self, points: list[int], stages: list[int], lowest: bool, states, masks: torch.Tensor) -> None:
+    def __init__(self, points: list[int], stages: list[int], lowest: bool, states, masks: torch.Tensor,
+                 valid_from: int = 0) -> None:
         self.points, self.states, self.lowest, self.masks = set(points), states, lowest, masks
+        self.valid_from = valid_from
         self.counts = [(sum(stages[:s]) + k, k == 0) for s, n in enumerate(stages) for k in range(n + 1)]
         self.at: dict[int, torch.Tensor] = {}
         self.low = self.low_acc = None  # lowest mode: each image's logits of lowest accuracy so far
@@ -264,13 +267,15 @@ class StepStates:
         missing = [u for u in points if u not in self.at]
         if missing:
             raise RuntimeError(f"the attack reported no logits at update counts {missing}")
-        return torch.stack([self.at[u] for u in points])
+        return torch.stack([self.at[u] if u >= self.valid_from else torch.full_like(self.at[u], math.nan)
+                            for u in points])
 
 
 def worst_of(states: torch.Tensor) -> torch.Tensor:
     """states (K, ..., N, S) of K candidates -> (..., N, S): per image the candidate of lowest
-    pixel accuracy, the first of equals (as ``attacks.worst_case`` chooses)."""
-    acc = states[..., 2] / states[..., 1]
+    pixel accuracy, the first of equals (as ``attacks.worst_case`` chooses); NaN rows (no
+    valid point) are never chosen unless all are NaN."""
+    acc = torch.nan_to_num(states[..., 2] / states[..., 1], nan=math.inf)
     which = acc.argmin(0)  # the first minimum
     return torch.gather(states, 0, which[None, ..., None].expand((1,) + states.shape[1:]))[0]
 
@@ -281,7 +286,8 @@ def _attack_curve(model, images, masks, attack: str, eps: float, steps: int, poi
     from .attacks import SEA_LOSSES, SEA_SCHEDULE, _stages, untargeted
 
     if attack == "sea":  # one run per loss; the point at t: per image the worst of the three
-        runs = {name: StepStates(points, [n for n, _ in _stages(steps, SEA_SCHEDULE)], True, states, masks)
+        stages = [n for n, _ in _stages(steps, SEA_SCHEDULE)]
+        runs = {name: StepStates(points, stages, True, states, masks, valid_from=sum(stages[:-1]))
                 for name in SEA_LOSSES}
         adv = untargeted(model, images, masks, attack, eps, steps, generator=generator, amp=amp,
                          on_step=lambda name, t, logits: runs[name].on_step(t, logits))
@@ -299,7 +305,8 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     with a generator seeded by ``robust_seed`` (shards and ranks agree), then per image the
     worst case over the attacks (``attacks.worst_case``). Returns summed states (S = 3C + 7):
     "robust_attack" (R, A, S), "robust_worst" (R, S), "robust_curve" (R, A + 1, P, S) at
-    ``curve_points`` (the last row: per image the worst of the attacks at each point),
+    ``curve_points`` (the last row: per image the worst of the attacks at each point; NaN
+    where an attack has no point inside the eps-ball, see ``StepStates``),
     "robust_tissue_clean" (T, S), "robust_tissue_worst" (R, T, S)."""
     from .attacks import worst_case
 
@@ -433,11 +440,12 @@ def robust_merge(summed: dict[str, np.ndarray], cfg, tissues: list[str], n_class
     {"radii", "attacks", "tissues", "steps" (curve points), "paper_steps",
     "worst": [per radius], "per_attack": {attack: [per radius]},
     "tissue_clean": {tissue: m}, "tissue_worst": {tissue: [per radius]},
-    "curves": {attack or "worst": [per radius: [per point]]}, "paper_curve": [per point]}."""
+    "curves": {attack or "worst": [per radius: [per point, None: no point inside the
+    eps-ball]]}, "paper_curve": [per point]}."""
     rc, thr = cfg.robust, cfg.paper_threshold
 
-    def m(vec) -> SegMetrics:
-        return SegMetrics.from_state(vec, n_classes, thr)
+    def m(vec) -> SegMetrics | None:
+        return None if np.isnan(vec).any() else SegMetrics.from_state(vec, n_classes, thr)
 
     radii = list(rc.radii)
     return {"radii": radii, "attacks": list(rc.attacks), "tissues": tissues,
@@ -477,9 +485,9 @@ def robust_results(robust: dict) -> dict:
     "paper_curve": {"steps", "dice", "accuracy"}}; radius keys as ``radius_key``, NaN -> null."""
     keys = [radius_key(r) for r in robust["radii"]]
 
-    def curve(steps: list[int], ms: list[SegMetrics]) -> dict:
-        res = [x.result() for x in ms]
-        return {"steps": list(steps), "dice": [r["dice"] for r in res], "accuracy": [r["accuracy"] for r in res]}
+    def curve(steps: list[int], ms: list[SegMetrics | None]) -> dict:
+        res = [{} if x is None else x.result() for x in ms]
+        return {"steps": list(steps), "dice": [r.get("dice") for r in res], "accuracy": [r.get("accuracy") for r in res]}
 
     return json_clean({
         "radii": list(robust["radii"]), "attacks": list(robust["attacks"]),

@@ -182,7 +182,7 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
             tissue[f"{m} {label}"] = [_nanmean(get(s[m], t) for s in per_seed.values()
                                                if t in s[m]["robust"]["tissue"]) for t in tissues]
     curves: dict[str, dict] = {}
-    for name in evals[0]["robust"]["curves"]:
+    for name in [*evals[0]["robust"]["attacks"], "worst"]:  # the protocol's order (the JSON's keys are sorted)
         for m in MODELS:
             runs = [s[m]["robust"]["curves"][name][top] for s in per_seed.values()]
             values = np.array([[_value(v) for v in r["dice"]] for r in runs], dtype=float)  # (seeds, points)

@@ -139,7 +139,8 @@ def states_of(res) -> dict:
     out["per_attack"] = {a: [counts(m) for m in ms] for a, ms in rob["per_attack"].items()}
     out["tissue_clean"] = {t: counts(m) for t, m in rob["tissue_clean"].items()}
     out["tissue_worst"] = {t: [counts(m) for m in ms] for t, ms in rob["tissue_worst"].items()}
-    out["curves"] = {a: [[counts(m) for m in pts] for pts in per_r] for a, per_r in rob["curves"].items()}
+    out["curves"] = {a: [[None if m is None else counts(m) for m in pts] for pts in per_r]
+                     for a, per_r in rob["curves"].items()}
     return out
 
 
@@ -185,6 +186,9 @@ def test_curve_points_are_the_metrics_of_separate_shorter_runs(micro, model, tmp
     assert counts(rob["paper_curve"][-1]) == counts(attacked)
     for a in ("apgd", "sea"):
         assert counts(rob["curves"][a][0][-1]) == counts(rob["per_attack"][a][0]), a
+    # SEA's 4 steps: 1 at 2 eps, 1 at 1.5 eps, then 2 at eps: no point inside the ball before 2 updates
+    assert rob["curves"]["sea"][0][0] is None and rob["curves"]["sea"][0][1] is not None
+    assert rob["curves"]["worst"][0][0].correct <= min(rob["curves"][a][0][0].correct for a in ("pgd", "apgd"))
     correct = [m.correct for m in rob["curves"]["apgd"][0]]
     assert correct == sorted(correct, reverse=True) and correct[-1] < correct[0]
     assert counts(rob["curves"]["worst"][0][-1]) == counts(rob["worst"][0])

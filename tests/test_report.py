@@ -89,7 +89,7 @@ def robust_eval(worst: dict[str, tuple[float, float]], tissue_dice: dict[str, tu
                        "tissue": {t: {"clean": {"dice": c}, "worst": {"1": {"dice": 0.5}, "8": {"dice": w}}}
                                   for t, (c, w) in tissue_dice.items()},
                        "curves": {name: {"1": curve_of([0.6, 0.5, 0.5]), "8": curve_of(curve)}
-                                  for name in ("segpgd", "sea", "worst")}}}
+                                  for name in ("sea", "segpgd", "worst")}}}    # sorted, as the JSON file
 
 
 def robust_seeds() -> dict[int, dict[str, dict]]:
