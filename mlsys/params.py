@@ -229,11 +229,14 @@ class Params:
         return self
 
 
-def _check_robust(r: RobustParams) -> None:
-    from .attacks import FIELD_ATTACKS  # the one list of the field's attacks
+# attacks.FIELD_ATTACKS, spelled here so that reading params imports no torch code
+# (every stage reads params; tests/test_evaluate_robust.py checks the two agree)
+ROBUST_ATTACKS = ("pgd", "segpgd", "cospgd", "apgd", "sea")
 
-    _check(len(r.attacks) >= 1 and len(set(r.attacks)) == len(r.attacks) and set(r.attacks) <= set(FIELD_ATTACKS),
-           "evaluate.robust.attacks", r.attacks, f"distinct names of {list(FIELD_ATTACKS)}, at least one")
+
+def _check_robust(r: RobustParams) -> None:
+    _check(len(r.attacks) >= 1 and len(set(r.attacks)) == len(r.attacks) and set(r.attacks) <= set(ROBUST_ATTACKS),
+           "evaluate.robust.attacks", r.attacks, f"distinct names of {list(ROBUST_ATTACKS)}, at least one")
     _check(len(r.radii) >= 1 and len(set(r.radii)) == len(r.radii) and min(r.radii) > 0,
            "evaluate.robust.radii", r.radii, "distinct positive radii on the 0..255 scale, e.g. [1, 4, 8]")
     _check(r.steps >= 1, "evaluate.robust.steps", r.steps, ">= 1")

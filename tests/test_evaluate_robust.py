@@ -219,6 +219,10 @@ def test_disabled_protocol_gives_none(micro, model, tmp_path):
 
 # --------------------------------------------------------------------------- params
 def test_params_yaml_protocol_loads_and_bad_values_are_one_line_errors(root, tmp_path):
+    from mlsys.attacks import FIELD_ATTACKS
+    from mlsys.params import ROBUST_ATTACKS
+
+    assert ROBUST_ATTACKS == FIELD_ATTACKS
     p = load_params(root / "params.yaml")
     assert dataclasses.asdict(p.evaluate.robust) == dataclasses.asdict(RobustParams())  # params.yaml = defaults
     for bad, key in (({"attacks": ["fgsm"]}, "attacks"), ({"attacks": []}, "attacks"),
