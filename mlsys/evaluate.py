@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attacks import eval_mode
+from .attacks import attack_from_params, eval_mode
 from .data import N_CLASSES, unpack_channels
 from .params import CLASS_NAMES
 
@@ -171,55 +171,334 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, 
         m = SegMetrics.from_state(all_sum(torch.from_numpy(m.state()), group), C, threshold)
     return m.result()
 
+# --------------------------------------------------------------------------- the field's protocol
+# (DESIGN.md, "Robustness evaluation as the field does it today"; settings: evaluate.robust)
+def predicted_class(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the classes of logits (N, C, H, W) -> (N, H, W), the first of equals, as
+    ``argmax(1)``; which on the CPU is far slower (torch 2.13, 2 threads, (32, 6, 32, 32):
+    6.3 ms against 0.36 ms for ``max(1).indices``)."""
+    return logits.max(1).indices
+
+
+def image_states(logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tensor | None, n_classes: int,
+                 threshold: float) -> torch.Tensor:
+    """:meth:`SegMetrics.state` of every image on its own: (N, 3C + 7) float64 on the CPU,
+    for logits (N, C, H, W), masks (N, H, W) int64 and channel bits (N, H, W) or None.
+    Rows add up to the state of the batch (counts exactly, the loss up to float order), so
+    per-image choices (worst case, tissue) are sums of rows. Reference: SegMetrics.update
+    on each image alone (tests/test_evaluate_robust.py)."""
+    logits, masks = logits.float(), masks.to(logits.device)
+    n, C = logits.shape[0], n_classes
+    loss = F.cross_entropy(logits, masks, reduction="none").flatten(1).double().sum(1)
+    pred = predicted_class(logits)
+    pixels = torch.full((n,), float(masks[0].numel()), dtype=torch.float64, device=logits.device)
+    correct = (pred == masks).flatten(1).sum(1).double()
+    offset = torch.arange(n, device=masks.device).view(n, 1, 1) * (C * C)
+    hist = torch.bincount((offset + masks * C + pred).flatten(), minlength=n * C * C).view(n, C, C).double()
+    tp = hist.diagonal(dim1=1, dim2=2)
+    fired = logits.softmax(1) >= threshold
+    if channels is None:
+        truth = F.one_hot(masks, C).permute(0, 3, 1, 2).bool()
+    else:
+        if C != N_CLASSES or channels.shape != masks.shape:
+            raise ValueError(f"channel bits {tuple(channels.shape)} need {N_CLASSES} classes and the "
+                             f"masks' shape; got {C} classes, masks {tuple(masks.shape)}")
+        truth = unpack_channels(channels.to(logits.device), C)
+    paper = torch.stack([(fired & truth).flatten(1).sum(1), (fired & ~truth).flatten(1).sum(1),
+                         (~fired & truth).flatten(1).sum(1)], 1).double()
+    raw = pixels if channels is not None else torch.zeros_like(pixels)
+    return torch.cat([loss[:, None], pixels[:, None], correct[:, None], tp, hist.sum(1) - tp,
+                      hist.sum(2) - tp, paper, raw[:, None]], 1).cpu()
+
+
+def curve_points(steps: int, every: int) -> list[int]:
+    """Update counts at which a curve is recorded: 0, k, 2k, ... and always ``steps``."""
+    return sorted(set(range(0, steps + 1, every)) | {steps})
+
+
+def robust_seed(chunk: int, radius: float, attack: str) -> int:
+    """The seed of an attack's random start on one chunk: the same on every shard and rank."""
+    import zlib
+
+    return zlib.crc32(f"{chunk}/{float(radius)!r}/{attack}".encode())
+
+
+class StepStates:
+    """Per-image states (N, S) of one attack run at the update counts ``points``, from the
+    logits the attack reports through on_step (no extra forward); ``states(logits)`` ->
+    (N, S) as :func:`image_states`, ``masks`` (N, H, W) the true classes.
+
+    ``stages``: updates per radius stage, in the order the attack runs them (APGD: one per
+    stage of its schedule; each stage first evaluates its start). ``lowest`` False: the
+    attack returns its last iterate (pgd, segpgd, cospgd), the point at t is the image after
+    t updates. ``lowest`` True (apgd, each SEA loss): the attack returns, per image, the
+    lowest-accuracy iterate of its last stage (later ones win ties), the point at t is
+    that image among the current stage's iterates so far -- what the attack returns at
+    t = steps. Points before ``valid_from`` updates are NaN rows: SEA's first stages run at
+    2 eps and 1.5 eps, so its iterates before the last stage (the last 40% of the steps,
+    from that stage's start) lie outside the eps-ball and are no attack at eps."""
+
+    def __init__(self, points: list[int], stages: list[int], lowest: bool, states, masks: torch.Tensor,
+                 valid_from: int = 0) -> None:
+        self.points, self.states, self.lowest, self.masks = set(points), states, lowest, masks
+        self.valid_from = valid_from
+        self.counts = [(sum(stages[:s]) + k, k == 0) for s, n in enumerate(stages) for k in range(n + 1)]
+        self.at: dict[int, torch.Tensor] = {}
+        self.low = self.low_acc = None  # lowest mode: each image's logits of lowest accuracy so far
+
+    def on_step(self, t: int, logits: torch.Tensor) -> None:
+        if not self.lowest:
+            if t in self.points:
+                self.at[t] = self.states(logits)
+            return
+        u, start = self.counts[t]
+        acc = (predicted_class(logits) == self.masks).flatten(1).double().mean(1)  # ordered as pixel_accuracy
+        if start:
+            self.low, self.low_acc = logits.detach().clone(), acc
+        else:
+            keep = acc <= self.low_acc
+            self.low = torch.where(keep.view(-1, 1, 1, 1), logits.detach(), self.low)
+            self.low_acc = torch.minimum(acc, self.low_acc)
+        if u in self.points:
+            self.at[u] = self.states(self.low)  # a stage start shares its count with the update before it
+
+    def result(self, points: list[int]) -> torch.Tensor:
+        """(P, N, S) at ``points``."""
+        missing = [u for u in points if u not in self.at]
+        if missing:
+            raise RuntimeError(f"the attack reported no logits at update counts {missing}")
+        return torch.stack([self.at[u] if u >= self.valid_from else torch.full_like(self.at[u], math.nan)
+                            for u in points])
+
+
+def worst_of(states: torch.Tensor) -> torch.Tensor:
+    """states (K, ..., N, S) of K candidates -> (..., N, S): per image the candidate of lowest
+    pixel accuracy, the first of equals (as ``attacks.worst_case`` chooses); NaN rows (no
+    valid point) are never chosen unless all are NaN."""
+    acc = torch.nan_to_num(states[..., 2] / states[..., 1], nan=math.inf)
+    which = acc.argmin(0)  # the first minimum
+    return torch.gather(states, 0, which[None, ..., None].expand((1,) + states.shape[1:]))[0]
+
+
+def _attack_curve(model, images, masks, attack: str, eps: float, steps: int, points: list[int], states,
+                  generator: torch.Generator, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one of the field's attacks: (adversarial batch, per-image states (P, N, S) at points)."""
+    from .attacks import SEA_LOSSES, SEA_SCHEDULE, _stages, untargeted
+
+    if attack == "sea":  # one run per loss; the point at t: per image the worst of the three
+        stages = [n for n, _ in _stages(steps, SEA_SCHEDULE)]
+        runs = {name: StepStates(points, stages, True, states, masks, valid_from=sum(stages[:-1]))
+                for name in SEA_LOSSES}
+        adv = untargeted(model, images, masks, attack, eps, steps, generator=generator, amp=amp,
+                         on_step=lambda name, t, logits: runs[name].on_step(t, logits))
+        return adv, worst_of(torch.stack([runs[n].result(points) for n in SEA_LOSSES]))
+    run = StepStates(points, [steps], attack == "apgd", states, masks)
+    adv = untargeted(model, images, masks, attack, eps, steps, generator=generator, amp=amp, on_step=run.on_step)
+    return adv, run.result(points)
+
+
+def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, bits: torch.Tensor | None,
+                 tissue: torch.Tensor, n_tissues: int, chunk: int, cfg) -> dict[str, np.ndarray]:
+    """The protocol ``cfg.robust`` (EvaluateParams) on one chunk: images (N, 3, H, W) in [0, 1],
+    masks (N, H, W), bits as SegMetrics.update takes them, tissue (N,) int64 index of each
+    image's tissue (of ``n_tissues``). For every radius r (eps = r / 255) every attack runs
+    with a generator seeded by ``robust_seed`` (shards and ranks agree), then per image the
+    worst case over the attacks (``attacks.worst_case``). Returns summed states (S = 3C + 7):
+    "robust_attack" (R, A, S), "robust_worst" (R, S), "robust_curve" (R, A + 1, P, S) at
+    ``curve_points`` (the last row: per image the worst of the attacks at each point; NaN
+    where an attack has no point inside the eps-ball, see ``StepStates``),
+    "robust_tissue_clean" (T, S), "robust_tissue_worst" (R, T, S)."""
+    from .attacks import worst_case
+
+    rc, C, thr = cfg.robust, model.head.out_channels, cfg.paper_threshold
+    points = curve_points(rc.steps, rc.curve_every)
+
+    def states(logits: torch.Tensor) -> torch.Tensor:
+        return image_states(logits, masks, bits, C, thr)
+
+    def to_tissue(st: torch.Tensor) -> torch.Tensor:  # (N, S) -> (T, S)
+        return torch.zeros(n_tissues, st.shape[1], dtype=torch.float64).index_add_(0, tissue.cpu(), st)
+
+    with torch.no_grad(), eval_mode(model):
+        out = {"robust_tissue_clean": to_tissue(states(model(images))).numpy()}
+    per_attack, worst, curves, tissue_worst = [], [], [], []
+    for radius in rc.radii:
+        advs, finals, along = [], [], []
+        for attack in rc.attacks:
+            g = torch.Generator().manual_seed(robust_seed(chunk, radius, attack))
+            adv, curve = _attack_curve(model, images, masks, attack, radius / 255, rc.steps, points, states, g,
+                                       cfg.attack.amp)
+            with torch.no_grad(), eval_mode(model):
+                finals.append(states(model(adv)))
+            advs.append(adv)
+            along.append(curve)
+        _, _, which = worst_case(model, images, masks, advs)
+        w = torch.stack(finals)[which.cpu(), torch.arange(len(images))]  # (N, S): each image's worst attack
+        along = torch.stack(along)  # (A, P, N, S)
+        per_attack.append(torch.stack(finals).sum(1))
+        worst.append(w.sum(0))
+        curves.append(torch.cat([along, worst_of(along)[None]]).sum(2))
+        tissue_worst.append(to_tissue(w))
+    out.update(robust_attack=torch.stack(per_attack).numpy(), robust_worst=torch.stack(worst).numpy(),
+               robust_curve=torch.stack(curves).numpy(), robust_tissue_worst=torch.stack(tissue_worst).numpy())
+    return out
+
+
+def split_tissues(path: str, split: str) -> list[str]:
+    """The sorted tissue names of a split's images (HDF5 /tissue)."""
+    import h5py
+
+    from .data import split_of
+
+    with h5py.File(path, "r") as f:
+        names = f["tissue"].asstr()[:]
+    return sorted(set(names[split_of(path, split)].tolist()))
+
+
+def _paper_attack(model, images, acfg, on_step):
+    """The evaluation attack of ``acfg`` (as ``attacks.attack_from_params``) with on_step."""
+    from .attacks import full_area, pgd
+
+    return pgd(model, images, full_area(images, acfg.target), mode=acfg.mode, eps=acfg.eps, alpha=acfg.alpha,
+               steps=acfg.steps, targeted=True, random_start=acfg.random_start, amp=acfg.amp, on_step=on_step)
+
+
 def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: torch.device,
                    store=None, shard=None, group=None, progress: bool = True):
     """Metrics of ``model`` on a split of the HDF5 file ``path``, clean and under the
-    attack of ``cfg`` (EvaluateParams), chunk by chunk (``cfg.attack.batch_size`` images).
+    attack of ``cfg`` (EvaluateParams), and under the field's protocol ``cfg.robust``
+    where enabled, chunk by chunk (``cfg.attack.batch_size`` images).
 
     Each chunk's counts are kept in ``store`` (a :class:`mlsys.distributed.ChunkStore`)
     and folded in chunk order, so shards (``shard``, or torchrun ranks in ``group``)
     merge into exactly the single-process numbers. Returns (clean SegMetrics, attacked
-    SegMetrics, panel arrays of the first ``cfg.n_panel`` images: image, adversarial,
-    mask, logits), or None where this process only computed its chunks."""
-    from .attacks import attack_from_params
+    SegMetrics, panel arrays of the first ``cfg.n_panel`` images (image, adversarial, mask,
+    logits), robust: :func:`robust_merge`'s dict, None where ``cfg.robust.enabled`` is
+    false), or None where this process only computed its chunks."""
     from .data import iter_chunks, split_of
     from .distributed import Shard, chunk_sizes, is_main, run_chunks
 
     shard = shard or Shard()
-    acfg, C, thr = cfg.attack, model.head.out_channels, cfg.paper_threshold
+    acfg, rc, C, thr = cfg.attack, cfg.robust, model.head.out_channels, cfg.paper_threshold
     sizes = chunk_sizes(len(split_of(path, split)), cfg.attack.batch_size)
+    tissues = split_tissues(path, split) if rc.enabled else []
+    paper_points = curve_points(acfg.steps, rc.curve_every)
 
     def compute(batch) -> dict[str, np.ndarray]:
-        j, images, masks, bits = batch  # bits: channel bits, None for a file without /channels
+        j, images, masks, bits, names = batch  # bits: channel bits, None for a file without /channels
         torch.manual_seed(j)  # standard PGD's random start: the same draws for a chunk on any shard
         images, masks = images.to(device), masks.to(device)
         clean, attacked = SegMetrics(C, thr), SegMetrics(C, thr)
         with torch.no_grad():
             clean.update(model(images), masks, bits)
-        adv = attack_from_params(model, images, acfg, acfg.target)
+        out = {}
+        if rc.enabled:  # the paper attack's curve over its steps, from its own forwards
+            along = StepStates(paper_points, [acfg.steps], False, lambda z: image_states(z, masks, bits, C, thr),
+                               masks)
+            adv = _paper_attack(model, images, acfg, along.on_step)
+            out["paper_curve"] = along.result(paper_points).sum(1).numpy()
+        else:
+            adv = attack_from_params(model, images, acfg, acfg.target)
         with torch.no_grad():
             logits = model(adv)
         attacked.update(logits, masks, bits)
-        out = {"clean": clean.state(), "attack": attacked.state()}
+        out.update(clean=clean.state(), attack=attacked.state())
+        if rc.enabled:
+            ids = torch.tensor([tissues.index(_text(t)) for t in names], dtype=torch.int64)
+            out.update(robust_chunk(model, images, masks, bits, ids, len(tissues), j, cfg))
         if j == 0:
             k = min(cfg.n_panel, len(images))
             out.update(panel_images=images[:k].cpu().numpy(), panel_adv=adv[:k].cpu().numpy(),
                        panel_masks=masks[:k].cpu().numpy(), panel_logits=logits[:k].float().cpu().numpy())
         return out
 
-    chunks = ((j, (j, x, y, bits)) for j, (_, x, y, _, bits)
+    chunks = ((j, (j, x, y, bits, names)) for j, (_, x, y, names, bits)
               in enumerate(iter_chunks(path, split, cfg.attack.batch_size, channels=True)))
     run_chunks(chunks, compute, store, shard, group, sizes, "evaluate", progress)
     if shard.count > 1 or not is_main(group):
         return None
-    clean, attacked = SegMetrics(C, thr), SegMetrics(C, thr)
+    clean, attacked, summed = SegMetrics(C, thr), SegMetrics(C, thr), {}
     for j, part in enumerate(store.merged(len(sizes))):
         clean.merge(SegMetrics.from_state(part["clean"], C, thr))
         attacked.merge(SegMetrics.from_state(part["attack"], C, thr))
+        for key in part:
+            if key.startswith(("robust_", "paper_curve")):
+                summed[key] = summed[key] + part[key] if key in summed else part[key].copy()
         if j == 0:
             panel = tuple(torch.from_numpy(part[k]) for k in ("panel_images", "panel_adv", "panel_masks",
                                                                 "panel_logits"))
-    return clean, attacked, panel
+    robust = robust_merge(summed, cfg, tissues, C) if rc.enabled else None
+    return clean, attacked, panel, robust
+
+
+def _text(name) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def robust_merge(summed: dict[str, np.ndarray], cfg, tissues: list[str], n_classes: int) -> dict:
+    """The chunks' summed states (``robust_chunk``'s keys and "paper_curve") as SegMetrics:
+    {"radii", "attacks", "tissues", "steps" (curve points), "paper_steps",
+    "worst": [per radius], "per_attack": {attack: [per radius]},
+    "tissue_clean": {tissue: m}, "tissue_worst": {tissue: [per radius]},
+    "curves": {attack or "worst": [per radius: [per point, None: no point inside the
+    eps-ball]]}, "paper_curve": [per point]}."""
+    rc, thr = cfg.robust, cfg.paper_threshold
+
+    def m(vec) -> SegMetrics | None:
+        return None if np.isnan(vec).any() else SegMetrics.from_state(vec, n_classes, thr)
+
+    radii = list(rc.radii)
+    return {"radii": radii, "attacks": list(rc.attacks), "tissues": tissues,
+            "steps": curve_points(rc.steps, rc.curve_every), "paper_steps": curve_points(cfg.attack.steps, rc.curve_every),
+            "worst": [m(v) for v in summed["robust_worst"]],
+            "per_attack": {a: [m(summed["robust_attack"][r, i]) for r in range(len(radii))]
+                           for i, a in enumerate(rc.attacks)},
+            "tissue_clean": {t: m(summed["robust_tissue_clean"][i]) for i, t in enumerate(tissues)},
+            "tissue_worst": {t: [m(summed["robust_tissue_worst"][r, i]) for r in range(len(radii))]
+                             for i, t in enumerate(tissues)},
+            "curves": {a: [[m(v) for v in summed["robust_curve"][r, i]] for r in range(len(radii))]
+                       for i, a in enumerate([*rc.attacks, "worst"])},
+            "paper_curve": [m(v) for v in summed["paper_curve"]]}
+
+
+def radius_key(radius: float) -> str:
+    """A radius on the 0..255 scale as a JSON key and in metric names: 8.0 -> "8", 0.25 -> "0.25"."""
+    return f"{radius:g}"
+
+
+def json_clean(obj):
+    """NaN and infinities -> None, recursively (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def robust_results(robust: dict) -> dict:
+    """:func:`robust_merge`'s SegMetrics as the "robust" section of the evaluation JSON:
+    {"radii", "attacks", "worst": {radius: metrics}, "per_attack": {attack: {radius: metrics}},
+    "tissue": {tissue: {"clean": metrics, "worst": {radius: metrics}}},
+    "curves": {attack or "worst": {radius: {"steps", "dice", "accuracy"}}},
+    "paper_curve": {"steps", "dice", "accuracy"}}; radius keys as ``radius_key``, NaN -> null."""
+    keys = [radius_key(r) for r in robust["radii"]]
+
+    def curve(steps: list[int], ms: list[SegMetrics | None]) -> dict:
+        res = [{} if x is None else x.result() for x in ms]
+        return {"steps": list(steps), "dice": [r.get("dice") for r in res], "accuracy": [r.get("accuracy") for r in res]}
+
+    return json_clean({
+        "radii": list(robust["radii"]), "attacks": list(robust["attacks"]),
+        "worst": {k: x.result() for k, x in zip(keys, robust["worst"])},
+        "per_attack": {a: {k: x.result() for k, x in zip(keys, ms)} for a, ms in robust["per_attack"].items()},
+        "tissue": {t: {"clean": robust["tissue_clean"][t].result(),
+                       "worst": {k: x.result() for k, x in zip(keys, robust["tissue_worst"][t])}}
+                   for t in robust["tissues"]},
+        "curves": {a: {k: curve(robust["steps"], ms) for k, ms in zip(keys, per_r)}
+                   for a, per_r in robust["curves"].items()},
+        "paper_curve": curve(robust["paper_steps"], robust["paper_curve"])})
 
 
 # --------------------------------------------------------------------------- the evaluate stage
@@ -242,7 +521,7 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
     import mlflow
 
     from . import figures, paths, tracking
-    from .data import atomic_dir, file_md5, require, write_json
+    from .data import atomic_dir, file_md5, require, write_csv, write_json
     from .distributed import ChunkStore, Shard, is_main, source_digest
     from .params import section_dict, show_progress
     from .train import load_weights, method_tag, pick_device
@@ -273,11 +552,14 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
             if shard.count > 1:
                 print(f"{stage} shard {shard}: chunks in {store.folder}; run without --shard to merge")
             return
-        clean, attacked, panel = done
+        clean, attacked, panel, robust = done
         res = {"clean": clean.result(), "attack": attacked.result(), "paper_truth": clean.paper_truth,
                "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
                                    "target": acfg.target, "alpha": acfg.alpha}}
         mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
+        if robust is not None:
+            res["robust"] = robust_results(robust)
+            log_robust(res["robust"])
         with atomic_dir(paths.eval_figures(name, seed)) as figs:  # a DVC out dir: all or nothing
             fig = figures.perturbation_panel(*panel, f"{name} (seed {seed}) under {acfg.mode} attack "
                                                      f"({acfg.steps} steps, eps {acfg.eps}, target class {acfg.target})")
@@ -287,7 +569,62 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
             fig = figures.prediction_panel(panel[0], panel[2], logits, f"{name} (seed {seed}): test predictions (clean)")
             mlflow.log_figure(fig, "figures/predictions_test.png")
             figures.save(fig, figs / "predictions_clean.png")
+            if robust is not None:  # `dvc plots`: each attack's metrics over its steps
+                write_csv(figs / "robust_curve.csv", robust_curve_rows(res["robust"]))
+                write_csv(figs / "paper_curve.csv", [
+                    {"step": t, "dice": d, "accuracy": a} for t, d, a in
+                    zip(*(res["robust"]["paper_curve"][k] for k in ("steps", "dice", "accuracy")))])
         write_json(out, {**res, "mlflow_run_id": mlflow.active_run().info.run_id, "machine": tracking.machine()})
         store.remove()
         print(f"{stage}: clean accuracy {res['clean']['accuracy']:.4f} dice {res['clean']['dice']:.4f}"
               f" | attacked accuracy {res['attack']['accuracy']:.4f} dice {res['attack']['dice']:.4f}")
+        if robust is not None:
+            print(f"{stage}: worst case of {', '.join(robust['attacks'])} ({cfg.robust.steps} steps): "
+                  + "; ".join(f"eps {k}/255 accuracy {_show(m['accuracy'])} dice {_show(m['dice'])}"
+                              for k, m in res["robust"]["worst"].items()))
+
+
+def _show(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def log_robust(section: dict) -> None:
+    """The "robust" section of an evaluation JSON into the active MLflow run: worst case per
+    radius as ``robust/eps<r>/<metric>``, each attack's as ``robust/<attack>/eps<r>/<metric>``,
+    per tissue ``robust/tissue/<tissue>/{clean,eps<r>}/{dice,accuracy}``, and the curves as
+    step metrics ``curve/<attack or worst>/eps<r>/{dice,accuracy}`` and ``curve/paper/...``
+    with step = t (charts in the MLflow UI). Nulls (no score) are left out."""
+    import mlflow
+
+    def put(out: dict, prefix: str, metrics: dict, names=None) -> None:
+        for k, v in metrics.items():
+            if v is not None and (names is None or k in names):
+                out[f"{prefix}/{k}"] = v
+
+    flat: dict[str, float] = {}
+    for r, m in section["worst"].items():
+        put(flat, f"robust/eps{r}", m)
+    for a, per_r in section["per_attack"].items():
+        for r, m in per_r.items():
+            put(flat, f"robust/{a}/eps{r}", m, ("accuracy", "dice", "jaccard", "paper_dice"))
+    for t, e in section["tissue"].items():
+        put(flat, f"robust/tissue/{t}/clean", e["clean"], ("accuracy", "dice"))
+        for r, m in e["worst"].items():
+            put(flat, f"robust/tissue/{t}/eps{r}", m, ("accuracy", "dice"))
+    mlflow.log_metrics(flat)
+    by_step: dict[int, dict[str, float]] = {}
+    curves = [(f"curve/{a}/eps{r}", c) for a, per_r in section["curves"].items() for r, c in per_r.items()]
+    for name, c in curves + [("curve/paper", section["paper_curve"])]:
+        for t, d, acc in zip(c["steps"], c["dice"], c["accuracy"]):
+            put(by_step.setdefault(t, {}), name, {"dice": d, "accuracy": acc})
+    for t, metrics in sorted(by_step.items()):
+        mlflow.log_metrics(metrics, step=t)
+
+
+def robust_curve_rows(section: dict) -> list[dict]:
+    """Rows (attack, radius, step, dice, accuracy) of every curve of a "robust" section
+    (attack "worst": per image the worst of the attacks at each step); null -> nan."""
+    nan = lambda v: math.nan if v is None else v  # noqa: E731
+    return [{"attack": a, "radius": float(r), "step": t, "dice": nan(d), "accuracy": nan(acc)}
+            for a, per_r in section["curves"].items() for r, c in per_r.items()
+            for t, d, acc in zip(c["steps"], c["dice"], c["accuracy"])]

@@ -4,6 +4,7 @@
 - perturbation panel: image, perturbed image, amplified difference, prediction
 - loss curves: train/valid loss per epoch, one model or the four models together
 - metric bars: each model clean vs under attack; per-class Dice bars in the class colours
+- robustness: worst-case metrics against the radius; Dice along the attack steps
 """
 from __future__ import annotations
 
@@ -195,4 +196,44 @@ def per_class_bars(t1: dict, t2: dict, title: str | None = None, std1: dict | No
     fig.suptitle(title or "per-class Dice of the four models")
     _legend(fig)
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    return fig
+
+
+def robust_radius(rows: list[dict], models: list[str], title: str, metrics=("dice", "accuracy")):
+    """Worst-case metrics against the L-inf radius (x: r of eps = r/255; 0 = clean), one line
+    per model with +-1 std error bars over seeds; ``rows`` as report.robust_radius_rows."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.9), squeeze=False)
+    radius = [r["radius"] for r in rows]
+    for ax, key in zip(axes[0], metrics):
+        for m in models:
+            ax.errorbar(radius, [r[f"{m}_{key}"] for r in rows], yerr=np.nan_to_num([r[f"{m}_{key}_std"] for r in rows]),
+                        marker="o", markersize=4, capsize=3, label=m)
+        ax.set_xlabel("L-inf radius r (eps = r/255; 0 = clean)")
+        ax.set_ylabel(f"worst-case {METRIC_TITLES.get(key, key)}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def robust_steps(curves: dict[str, dict[str, dict]], title: str):
+    """Dice against the attack's steps, one panel per curve (each attack, and "worst": per
+    image the worst of the attacks at each step), one line per model (mean over seeds) with a
+    band from the lowest to the highest seed; ``curves[name][model]`` = {"steps", "mean",
+    "lo", "hi"} (report.build_robust)."""
+    names = list(curves)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], names):
+        for m, c in curves[name].items():
+            line, = ax.plot(c["steps"], c["mean"], marker="o", markersize=3, label=m)
+            ax.fill_between(c["steps"], c["lo"], c["hi"], color=line.get_color(), alpha=0.15)
+        ax.set_title("worst of the attacks" if name == "worst" else name, fontsize=10)
+        ax.set_xlabel("attack step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("Dice (standard)")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return fig

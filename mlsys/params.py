@@ -89,11 +89,26 @@ class AttackParams:
 
 
 @dataclass
+class RobustParams:
+    """The field's robustness protocol (DESIGN.md, "Robustness evaluation as the field does it
+    today"), run beside the paper's attack: per image the worst of ``attacks`` at each radius.
+    The default fits the CPU default (at most doubles the evaluate stage on 2 cores); paper
+    scale: radii [0.25, 0.5, 1, 2, 4, 8], steps 100-300 (SEA: 300 per loss), ~17-52 GPU-minutes
+    per model and seed (the estimate is in params.yaml)."""
+    enabled: bool = True           # run the protocol in the evaluate stage
+    attacks: list[str] = field(default_factory=lambda: ["segpgd", "cospgd", "sea"])  # of attacks.FIELD_ATTACKS
+    radii: list[float] = field(default_factory=lambda: [1.0, 4.0, 8.0])  # L-inf radii on the 0..255 scale (eps = r/255)
+    steps: int = 4                 # iterations of each attack (SEA: per loss); the field runs 100-300
+    curve_every: int = 1           # metrics every k steps along each attack (curves over the iterations)
+
+
+@dataclass
 class EvaluateParams:
     batch_size: int = 32           # images per forward pass
     paper_threshold: float = 0.1   # "paper" Dice/Jaccard: softmax threshold per channel (original code)
     n_panel: int = 4               # test images shown in the prediction panels
     attack: AttackParams = field(default_factory=lambda: AttackParams(steps=20))
+    robust: RobustParams = field(default_factory=RobustParams)  # per image worst case of untargeted attacks
 
 
 @dataclass
@@ -213,6 +228,7 @@ class Params:
         _check(0 < self.evaluate.paper_threshold < 1, "evaluate.paper_threshold",
                self.evaluate.paper_threshold, "in (0, 1)")
         _check(self.evaluate.n_panel >= 1, "evaluate.n_panel", self.evaluate.n_panel, ">= 1")
+        _check_robust(self.evaluate.robust)
         for stage in ("train", "augment", "evaluate"):
             n = getattr(self.distributed.nproc, stage)
             _check(n >= 1, f"distributed.nproc.{stage}", n, ">= 1")
@@ -221,6 +237,21 @@ class Params:
                f"a multiple of distributed.nproc.train = {n} (the global batch is split evenly)")
         _check(self.distributed.timeout_s > 0, "distributed.timeout_s", self.distributed.timeout_s, "> 0")
         return self
+
+
+# attacks.FIELD_ATTACKS, spelled here so that reading params imports no torch code
+# (every stage reads params; tests/test_evaluate_robust.py checks the two agree)
+ROBUST_ATTACKS = ("pgd", "segpgd", "cospgd", "apgd", "sea")
+
+
+def _check_robust(r: RobustParams) -> None:
+    _check(len(r.attacks) >= 1 and len(set(r.attacks)) == len(r.attacks) and set(r.attacks) <= set(ROBUST_ATTACKS),
+           "evaluate.robust.attacks", r.attacks, f"distinct names of {list(ROBUST_ATTACKS)}, at least one")
+    _check(len(r.radii) >= 1 and len(set(r.radii)) == len(r.radii) and min(r.radii) > 0,
+           "evaluate.robust.radii", r.radii, "distinct positive radii on the 0..255 scale, e.g. [1, 4, 8]")
+    _check(r.steps >= 1, "evaluate.robust.steps", r.steps, ">= 1")
+    _check(r.curve_every >= 1, "evaluate.robust.curve_every", r.curve_every, ">= 1")
+
 
 
 def _check(ok: bool, key: str, value, expected: str) -> None:

@@ -26,11 +26,12 @@ COLUMNS = ["loss", "accuracy", "dice", "jaccard", "paper_dice", "paper_jaccard"]
     [f"dice/{c}" for c in CLASS_NAMES]
 
 
-def table(results: dict[str, dict[str, float]]) -> dict[str, list]:
-    """{model: metrics} -> column-oriented table (for CSV, Markdown and mlflow.log_table)."""
+def table(results: dict[str, dict[str, float]], columns: list[str] = COLUMNS) -> dict[str, list]:
+    """{model: metrics} -> column-oriented table (for CSV, Markdown and mlflow.log_table);
+    a missing or null cell is NaN."""
     out: dict[str, list] = {"model": list(results)}
-    for col in COLUMNS:
-        out[col] = [results[m].get(col, math.nan) for m in results]
+    for col in columns:
+        out[col] = [math.nan if results[m].get(col) is None else results[m][col] for m in results]
     return out
 
 
@@ -54,11 +55,11 @@ def _fmt(v, digits: int) -> str:
     return str(v)
 
 
-def over_seeds(tables: list[dict]) -> tuple[dict, dict]:
+def over_seeds(tables: list[dict], columns: list[str] = COLUMNS) -> tuple[dict, dict]:
     """Tables of the same models and columns, one per seed -> (mean table, std table); the
     std is the sample standard deviation (NaN for one seed); NaN cells are left out."""
     mean, std = {"model": list(tables[0]["model"])}, {"model": list(tables[0]["model"])}
-    for col in COLUMNS:
+    for col in columns:
         values = np.array([t[col] for t in tables], dtype=float)  # (seeds, models)
         with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
             __import__("warnings").simplefilter("ignore", RuntimeWarning)
@@ -105,9 +106,9 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
-def mean_std_table(mean: dict, std: dict) -> dict[str, list]:
+def mean_std_table(mean: dict, std: dict, columns: list[str] = COLUMNS) -> dict[str, list]:
     """Cells "mean ± std" (the display form of Tables 1 and 2)."""
-    return {"model": mean["model"], **{c: [_pm(a, b) for a, b in zip(mean[c], std[c])] for c in COLUMNS}}
+    return {"model": mean["model"], **{c: [_pm(a, b) for a, b in zip(mean[c], std[c])] for c in columns}}
 
 
 def paired_table(rows: list[dict]) -> dict[str, list]:
@@ -122,6 +123,124 @@ def paired_table(rows: list[dict]) -> dict[str, list]:
         cell = f"{r['mean']:+.4f}" + ("" if math.isnan(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]") + sig
         out.setdefault(col, []).append(cell)
     return out
+
+
+# --------------------------------------------------------------------------- the field's protocol
+# (evaluate.robust: per image the worst of untargeted L-inf attacks at several radii)
+ROBUST_METRICS = ("dice", "accuracy")  # shown per radius: worst-case macro nucleus Dice and pixel accuracy
+
+
+def robust_columns(radii: list[float]) -> list[str]:
+    """Columns of the robustness table: "eps <r>/255 dice", "eps <r>/255 accuracy" per radius."""
+    from .evaluate import radius_key
+
+    return [f"eps {radius_key(r)}/255 {m}" for r in radii for m in ROBUST_METRICS]
+
+
+def robust_rows(evals: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """{model: evaluation JSON} -> {model: {robust column: worst-case value}} (one seed)."""
+    return {m: {f"eps {k}/255 {metric}": v.get(metric) for k, v in e["robust"]["worst"].items()
+                for metric in ROBUST_METRICS} for m, e in evals.items()}
+
+
+def _value(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _nanmean(values) -> float:
+    a = np.array([_value(v) for v in values], dtype=float)
+    return float(np.nanmean(a)) if np.isfinite(a).any() else math.nan
+
+
+def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
+    """The report's view of the "robust" sections, or None where an evaluation has none:
+    "radii"; "table"/"table_std" (rows models, columns ``robust_columns``: the worst case
+    per radius, mean and std over seeds, as ``over_seeds``); "tissue" (rows tissues,
+    columns "<model> clean dice" and "<model> eps <R>/255 dice" at the largest radius R,
+    means over seeds); "curves" {curve (attack or "worst"): {model: {"steps", "mean",
+    "lo", "hi"}}} Dice over the steps at R (lo/hi: lowest/highest seed); "clean"
+    {model: (mean, std)} of the clean Dice and accuracy."""
+    from .evaluate import radius_key
+
+    evals = [e for s in per_seed.values() for e in s.values()]
+    if not evals or any("robust" not in e for e in evals):
+        return None
+    radii = evals[0]["robust"]["radii"]
+    if any(e["robust"]["radii"] != radii for e in evals):
+        raise ValueError(f"evaluations ran different radii: {sorted({tuple(e['robust']['radii']) for e in evals})}")
+    cols = robust_columns(radii)
+    mean, std = over_seeds([table(robust_rows(s), cols) for s in per_seed.values()], cols)
+    clean_cols = [f"clean {m}" for m in ROBUST_METRICS]
+    cmean, cstd = over_seeds([table({m: {f"clean {k}": e["clean"].get(k) for k in ROBUST_METRICS}
+                                     for m, e in s.items()}, clean_cols) for s in per_seed.values()], clean_cols)
+    top = radius_key(max(radii))
+    tissues = sorted({t for e in evals for t in e["robust"]["tissue"]})
+    tissue: dict[str, list] = {"tissue": tissues}
+    for m in MODELS:
+        for label, get in (("clean dice", lambda e, t: e["robust"]["tissue"][t]["clean"]["dice"]),
+                           (f"eps {top}/255 dice", lambda e, t: e["robust"]["tissue"][t]["worst"][top]["dice"])):
+            tissue[f"{m} {label}"] = [_nanmean(get(s[m], t) for s in per_seed.values()
+                                               if t in s[m]["robust"]["tissue"]) for t in tissues]
+    curves: dict[str, dict] = {}
+    for name in [*evals[0]["robust"]["attacks"], "worst"]:  # the protocol's order (the JSON's keys are sorted)
+        for m in MODELS:
+            runs = [s[m]["robust"]["curves"][name][top] for s in per_seed.values()]
+            values = np.array([[_value(v) for v in r["dice"]] for r in runs], dtype=float)  # (seeds, points)
+            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore", RuntimeWarning)
+                curves.setdefault(name, {})[m] = {"steps": runs[0]["steps"], "mean": np.nanmean(values, 0).tolist(),
+                                                  "lo": np.nanmin(values, 0).tolist(), "hi": np.nanmax(values, 0).tolist()}
+    clean = {m: {k: (cmean[f"clean {k}"][i], cstd[f"clean {k}"][i]) for k in ROBUST_METRICS}
+             for i, m in enumerate(cmean["model"])}
+    return {"radii": radii, "top": top, "table": mean, "table_std": std, "tissue": tissue, "curves": curves,
+            "clean": clean, "attacks": evals[0]["robust"]["attacks"], "n_seeds": len(per_seed)}
+
+
+def robust_summary(rob: dict) -> dict:
+    """metrics/report.json's "robust": {model: {"eps<r>": {metric: {"mean", "std"}}}} (worst case)."""
+    from .evaluate import radius_key
+
+    out: dict = {}
+    for i, m in enumerate(rob["table"]["model"]):
+        for r in rob["radii"]:
+            k = radius_key(r)
+            out.setdefault(m, {})[f"eps{k}"] = {
+                metric: {"mean": _num(rob["table"][f"eps {k}/255 {metric}"][i]),
+                         "std": _num(rob["table_std"][f"eps {k}/255 {metric}"][i])} for metric in ROBUST_METRICS}
+    return out
+
+
+def robust_radius_rows(rob: dict) -> list[dict]:
+    """`dvc plots` rows, one per radius (0 = clean): radius, then per model the worst-case
+    mean and std over seeds of each of ROBUST_METRICS ("<model>_dice", "<model>_dice_std", ...)."""
+    from .evaluate import radius_key
+
+    models = rob["table"]["model"]
+    rows = [{"radius": 0.0, **{f"{m}_{k}{suffix}": rob["clean"][m][k][j] for m in models for k in ROBUST_METRICS
+                               for j, suffix in ((0, ""), (1, "_std"))}}]
+    for r in rob["radii"]:
+        col = f"eps {radius_key(r)}/255"
+        rows.append({"radius": float(r), **{f"{m}_{k}{suffix}": t[f"{col} {k}"][i] for i, m in enumerate(models)
+                                            for k in ROBUST_METRICS
+                                            for suffix, t in (("", rob["table"]), ("_std", rob["table_std"]))}})
+    return rows
+
+
+def robust_steps_rows(rob: dict) -> list[dict]:
+    """`dvc plots` rows, one per recorded step at the largest radius: step, then the mean Dice
+    over seeds per model and curve ("<model>_<attack or worst>")."""
+    curves = rob["curves"]
+    first = next(iter(curves.values()))
+    steps = next(iter(first.values()))["steps"]
+    return [{"step": t, **{f"{m}_{name}": c[m]["mean"][i] for name, c in curves.items() for m in c}}
+            for i, t in enumerate(steps)]
+
+
+def robust_titles(rob: dict) -> tuple[str, str]:
+    over = f"mean ± std over {rob['n_seeds']} seed{'s' if rob['n_seeds'] > 1 else ''}"
+    return (f"Robustness: worst case per image of {', '.join(rob['attacks'])} at L-inf radius eps (r/255), "
+            f"standard Dice and pixel accuracy ({over})",
+            f"Per tissue: clean and worst-case Dice at eps {rob['top']}/255 (mean over seeds)")
 
 
 def attack_name(settings: dict) -> str:
@@ -250,12 +369,14 @@ def read_evals(seeds: list[int]) -> dict[int, dict[str, dict]]:
 
 def build_tables(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """Everything the report shows, as tables: means and stds of Tables 1-2, their per-seed
-    rows and the paired differences (see the module docstring)."""
+    rows, the paired differences (see the module docstring) and the robustness view
+    (:func:`build_robust`, None without the protocol)."""
     out = {}
     for name, key in (("table1", "clean"), ("table2", "attack")):
         mean, std = over_seeds([table({m: e[key] for m, e in evals.items()}) for evals in per_seed.values()])
         out[name], out[f"{name}_std"], out[f"{name}_seeds"] = mean, std, per_seed_table(per_seed, key)
     out["paired"] = paired_differences(per_seed)
+    out["robust"] = build_robust(per_seed)
     return out
 
 
@@ -272,6 +393,8 @@ def summary(per_seed: dict[int, dict[str, dict]], tabs: dict) -> dict:
     for r in tabs["paired"]:
         out.setdefault("paired", {}).setdefault(r["model"], {})[f"{r['split']}_{r['metric']}"] = {
             "mean": _num(r["mean"]), "lo": _num(r["lo"]), "hi": _num(r["hi"])}
+    if tabs.get("robust") is not None:
+        out["robust"] = robust_summary(tabs["robust"])
     return out
 
 
@@ -305,6 +428,11 @@ def main(p) -> None:
              (titles[1], mean_std_table(tabs["table2"], tabs["table2_std"])),
              ("Paired differences from model 1 (" + PAIRED_NOTE + ")", paired_table(tabs["paired"])),
              ("Table 1 per seed", tabs["table1_seeds"]), ("Table 2 per seed", tabs["table2_seeds"])]
+    rob = tabs["robust"]
+    if rob is not None:  # after Tables 1-2 and the paired differences, before the per-seed rows
+        rtitles = robust_titles(rob)
+        shown[3:3] = [(rtitles[0], mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"]))),
+                      (rtitles[1], rob["tissue"])]
     machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
     notes = [f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. Reproducibility: CPU "
              "results are bit-identical only on the same CPU model with the same thread count."]
@@ -340,6 +468,22 @@ def main(p) -> None:
                                             std2=tabs["table2_std"]), out / "figures/per_class_dice.png")
         figs.append(("Per-class Dice", "figures/per_class_dice.png"))
         data.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
+        if rob is not None:
+            for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"])):
+                (out / f"{name}.csv").write_text(to_csv(t))
+                mlflow.log_table(t, f"tables/{name}.json")
+            (out / "robust.md").write_text(to_markdown(shown[3][1], shown[3][0]))
+            (out / "tissue.md").write_text(to_markdown(shown[4][1], shown[4][0]))
+            figures.save(figures.robust_radius(robust_radius_rows(rob), rob["table"]["model"],
+                                               f"worst case of {', '.join(rob['attacks'])} against the L-inf radius "
+                                               f"(mean ± std, {len(seeds)} seeds)"), out / "figures/robust_radius.png")
+            figs.append(("Robustness against the radius", "figures/robust_radius.png"))
+            figures.save(figures.robust_steps(rob["curves"], f"Dice along the attacks at eps {rob['top']}/255 "
+                                                             f"(mean; band: lowest to highest of {len(seeds)} seeds)"),
+                         out / "figures/robust_steps.png")
+            figs.append(("Robustness along the attack steps", "figures/robust_steps.png"))
+            data.write_csv(f"{paths.REPORT_PLOTS}/robust_radius.csv", robust_radius_rows(rob))
+            data.write_csv(f"{paths.REPORT_PLOTS}/robust_steps.csv", robust_steps_rows(rob))
         for m, runs in histories.items():  # `dvc plots`: the mean curve over seeds of each model
             n = min(len(r) for r in runs)
             data.write_csv(f"{paths.REPORT_PLOTS}/{m}_loss.csv", [
@@ -363,6 +507,9 @@ def main(p) -> None:
                              "report_run_id": run.info.run_id}}
         mlflow.log_metrics({f"{key}/{m}/{metric}_{stat}": v for key in ("clean", "attack")
                             for m, ms in result[key].items() for metric, st in ms.items()
+                            for stat, v in st.items() if v is not None})
+        mlflow.log_metrics({f"robust/{m}/{r}/{metric}_{stat}": v for m, per_r in result.get("robust", {}).items()
+                            for r, ms in per_r.items() for metric, st in ms.items()
                             for stat, v in st.items() if v is not None})
         if p.tracking.log_model:  # the champion joins the model registry
             result["champion"] = register_champion(means, first, p)

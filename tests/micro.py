@@ -26,7 +26,7 @@ MICRO = {
     "data": {"n_images": 27, "image_size": 16},
     "model": {"base": 4, "depth": 2},
     "train": {"epochs": 2, "batch_size": 6, "device": "cpu"},
-    "evaluate": {"n_panel": 2, "attack": {"steps": 2}},
+    "evaluate": {"n_panel": 2, "attack": {"steps": 2}, "robust": {"radii": [2, 8], "steps": 2}},
     "augment": {"device": "cpu", "method1": {"steps": 1}, "method2": {"chunk": 200}},
 }
 from mlsys.params import METHODS, MODELS  # noqa: E402

@@ -169,8 +169,9 @@ def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     tp, fp, fn = expect
     assert r["paper_dice"] == 2 * tp / (2 * tp + fp + fn) and r["paper_truth_raw"] == 1.0
     cfg = EvaluateParams(attack=AttackParams(steps=1, batch_size=8))
-    clean, attacked, _ = evaluate_split(model, str(out), "test", cfg, torch.device("cpu"),
-                                        ChunkStore(tmp_path / "store", {}), progress=False)
+    cfg.robust.enabled = False  # tests/test_evaluate_robust.py
+    clean, attacked, _, _ = evaluate_split(model, str(out), "test", cfg, torch.device("cpu"),
+                                           ChunkStore(tmp_path / "store", {}), progress=False)
     assert clean.paper.tolist() == list(expect) and clean.paper_truth == "raw channels"
     assert attacked.paper_truth == "raw channels"
     # a file written before /channels existed: the semantic one-hot, and the result says so
@@ -178,8 +179,8 @@ def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     with h5py.File(out, "a") as f:
         del f["channels"]
     assert data.load_split(out, "test", channels=True)[2] is None
-    clean, _, _ = evaluate_split(model, str(out), "test", cfg, torch.device("cpu"),
-                                 ChunkStore(tmp_path / "store2", {}), progress=False)
+    clean, _, _, _ = evaluate_split(model, str(out), "test", cfg, torch.device("cpu"),
+                                    ChunkStore(tmp_path / "store2", {}), progress=False)
     assert clean.paper_truth == "semantic" and clean.result()["paper_truth_raw"] == 0.0
     onehot = np.eye(6)[masks.numpy()].transpose(0, 3, 1, 2)
     fired = prob >= 0.1

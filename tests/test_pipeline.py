@@ -43,6 +43,12 @@ def test_repro_logs_parent_and_stage_runs(pipeline):
                 "clean/dice/neoplastic"):
         assert key in ev.data.metrics
     assert children["augment-method2@0"].data.metrics["n_images"] == 18
+    # the robustness protocol (micro: radii [2, 8], 2 steps): worst case, per attack, per tissue, curves
+    assert {"robust/eps2/dice", "robust/eps8/accuracy", "robust/sea/eps8/dice"} <= set(ev.data.metrics)
+    assert any(k.startswith("robust/tissue/") for k in ev.data.metrics)
+    curve = client.get_metric_history(ev.info.run_id, "curve/worst/eps8/dice")
+    assert [m.step for m in curve] == [0, 1, 2], "the curves are step metrics: charts in the MLflow UI"
+    assert [m.step for m in client.get_metric_history(ev.info.run_id, "curve/paper/accuracy")] == [0, 1, 2]
 
 
 def test_outputs_report_and_second_repro_runs_nothing(pipeline):
@@ -59,6 +65,17 @@ def test_outputs_report_and_second_repro_runs_nothing(pipeline):
     assert paired[0] == "model,split,metric,mean,std,lo,hi,n_seeds" and len(paired) == 1 + 3 * 2 * 3
     page = (repo / "reports/report.md").read_text()
     assert "mean ± std over 2 seeds" in page and "Machine:" in page and "torch " in page
+    ev = json.loads((repo / "metrics/eval/seed1/model2.json").read_text())["robust"]
+    assert ev["radii"] == [2.0, 8.0] and set(ev["worst"]) == {"2", "8"} and set(ev["per_attack"]) == {"segpgd", "cospgd", "sea"}
+    assert ev["curves"]["worst"]["8"]["steps"] == [0, 1, 2] and ev["tissue"]
+    curve = (repo / "plots/eval/seed1/model2/robust_curve.csv").read_text().splitlines()
+    assert curve[0] == "attack,radius,step,dice,accuracy" and len(curve) == 1 + 4 * 2 * 3   # 3 attacks + worst
+    robust = (repo / "reports/robust.csv").read_text().splitlines()
+    assert robust[0] == "model,eps 2/255 dice,eps 2/255 accuracy,eps 8/255 dice,eps 8/255 accuracy" and len(robust) == 5
+    assert (repo / "reports/tissue.csv").read_text().startswith("tissue,model1 clean dice,model1 eps 8/255 dice,")
+    assert "Robustness: worst case per image of segpgd, cospgd, sea" in page and "figures/robust_steps.png" in page
+    for name in ("robust_radius.png", "robust_steps.png"):
+        assert (repo / "reports/figures" / name).stat().st_size > 1000, name
     _, before = runs_of(repo)
     again = run(repo, "dvc", "repro")
     assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
@@ -117,10 +134,14 @@ def test_dvc_exp_show_and_plots_read_the_pipeline_outputs(pipeline, tmp_path):
     assert len(metrics["metrics/eval/seed0/model2.json"]["data"]["mlflow_run_id"]) == 32
     assert set(report_metrics["attack"]["model3"]["dice"]) == {"mean", "std"}        # aggregates for `dvc exp show`
     assert set(report_metrics["paired"]["model2"]["attack_dice"]) == {"mean", "lo", "hi"}
+    assert set(report_metrics["robust"]["model4"]["eps8"]["dice"]) == {"mean", "std"}
+    assert (repo / "plots/report/robust_radius.csv").read_text().startswith("radius,model1_dice,model1_dice_std,")
+    assert (repo / "plots/report/robust_steps.csv").read_text().startswith("step,model1_segpgd,")
     rows = (repo / "plots/report/per_class_dice.csv").read_text().splitlines()
     assert rows[0] == "label,model,class,clean_dice,attack_dice" and rows[1].startswith("model1 background,")
     out = tmp_path / "plots"
     run(repo, "dvc", "plots", "show", "-o", str(out))
     page = (out / "index.html").read_text()
-    for title in ("validation loss", "training loss", "per-class Dice, clean test split", "per-class Dice, under attack"):
+    for title in ("validation loss", "training loss", "per-class Dice, clean test split", "per-class Dice, under attack",
+                  "worst-case Dice against the L-inf radius", "worst-case Dice along the attack steps"):
         assert title in page, title

@@ -74,3 +74,85 @@ def test_paired_differences_use_the_t_interval_of_the_per_seed_differences():
     assert cells["attack dice"][0].endswith(" *")          # model 2: the interval excludes 0
     assert not cells["attack dice"][1].endswith(" *")      # model 3: +0.0 +- a lot
     assert rows[("model4", "attack", "dice")]["mean"] == pytest.approx(0)
+
+
+# --------------------------------------------------------------------------- the robustness protocol
+def robust_eval(worst: dict[str, tuple[float, float]], tissue_dice: dict[str, tuple[float, float]],
+                curve: list[float]) -> dict:
+    """An evaluation JSON with a "robust" section: worst[radius] = (dice, accuracy),
+    tissue_dice[tissue] = (clean, worst at 8), the worst curve's Dice at eps 8 over steps 0, 2, 4."""
+    def curve_of(dice):
+        return {"steps": [0, 2, 4], "dice": dice, "accuracy": [0.9, 0.8, 0.7]}
+    return {"clean": {"dice": 0.6, "accuracy": 0.95}, "attack": {"dice": 0.1, "accuracy": 0.8},
+            "robust": {"radii": [1.0, 8.0], "attacks": ["segpgd", "sea"],
+                       "worst": {r: {"dice": d, "accuracy": a, "jaccard": 0.0} for r, (d, a) in worst.items()},
+                       "tissue": {t: {"clean": {"dice": c}, "worst": {"1": {"dice": 0.5}, "8": {"dice": w}}}
+                                  for t, (c, w) in tissue_dice.items()},
+                       "curves": {name: {"1": curve_of([0.6, 0.5, 0.5]), "8": curve_of(curve)}
+                                  for name in ("sea", "segpgd", "worst")}}}    # sorted, as the JSON file
+
+
+def robust_seeds() -> dict[int, dict[str, dict]]:
+    from mlsys.params import MODELS
+
+    out = {}
+    for s, (d8, null) in enumerate(((0.2, 0.3), (0.4, None))):
+        out[s] = {m: robust_eval({"1": (0.5 + 0.1 * i, 0.9), "8": (d8 + 0.1 * i, null)},
+                                 {"Breast": (0.6, 0.1 * (s + 1)), **({"Colon": (0.7, 0.3)} if s == 0 else {})},
+                                 [0.6, 0.3 + 0.1 * s, d8 + 0.1 * i])
+                  for i, m in enumerate(MODELS)}
+    return out
+
+
+def test_robustness_tables_read_the_json_mean_and_std_over_seeds():
+    rob = report.build_tables(robust_seeds())["robust"]
+    assert rob["radii"] == [1.0, 8.0] and rob["top"] == "8"
+    assert rob["table"]["model"] == ["model1", "model2", "model3", "model4"]
+    assert report.robust_columns(rob["radii"]) == ["eps 1/255 dice", "eps 1/255 accuracy", "eps 8/255 dice",
+                                                   "eps 8/255 accuracy"]
+    assert rob["table"]["eps 8/255 dice"][1] == pytest.approx((0.3 + 0.5) / 2)          # model 2: 0.2+0.1, 0.4+0.1
+    assert rob["table_std"]["eps 8/255 dice"][1] == pytest.approx(math.sqrt(2 * 0.1 ** 2))
+    assert rob["table"]["eps 8/255 accuracy"][0] == pytest.approx(0.3)                  # null (no score) left out
+    assert math.isnan(rob["table_std"]["eps 8/255 accuracy"][0])
+    cells = report.mean_std_table(rob["table"], rob["table_std"], report.robust_columns(rob["radii"]))
+    assert cells["eps 1/255 dice"][0] == "0.5000 ± 0.0000" and cells["eps 8/255 dice"][0] == "0.3000 ± 0.1414"
+    # per tissue: rows tissues, clean and worst Dice at the largest radius, mean over the seeds that have it
+    t = rob["tissue"]
+    assert t["tissue"] == ["Breast", "Colon"] and t["model1 eps 8/255 dice"] == pytest.approx([0.15, 0.3])
+    assert t["model3 clean dice"] == pytest.approx([0.6, 0.7])
+    c = rob["curves"]["worst"]["model1"]
+    assert c["steps"] == [0, 2, 4] and c["mean"] == pytest.approx([0.6, 0.35, 0.3])
+    assert c["lo"] == pytest.approx([0.6, 0.3, 0.2]) and c["hi"] == pytest.approx([0.6, 0.4, 0.4])
+
+
+def test_robustness_summary_and_plot_rows():
+    per_seed = robust_seeds()
+    tabs = report.build_tables(per_seed)
+    summ = report.summary(per_seed, tabs)
+    assert summ["robust"]["model2"]["eps8"]["dice"] == {"mean": 0.4, "std": round(math.sqrt(0.02), 6)}
+    assert summ["robust"]["model1"]["eps8"]["accuracy"] == {"mean": 0.3, "std": None}
+    rows = report.robust_radius_rows(tabs["robust"])
+    assert [r["radius"] for r in rows] == [0.0, 1.0, 8.0]               # 0: the clean split
+    assert rows[0]["model1_dice"] == pytest.approx(0.6) and rows[2]["model2_dice"] == pytest.approx(0.4)
+    assert rows[2]["model2_dice_std"] == pytest.approx(math.sqrt(0.02))
+    steps = report.robust_steps_rows(tabs["robust"])
+    assert [r["step"] for r in steps] == [0, 2, 4] and steps[2]["model1_worst"] == pytest.approx(0.3)
+    assert set(steps[0]) == {"step"} | {f"model{i}_{n}" for i in range(1, 5) for n in ("segpgd", "sea", "worst")}
+
+
+def test_no_robust_section_no_robustness_view():
+    per_seed = seeds_of({m: [0.3] * 3 for m in ("model1", "model2", "model3", "model4")})
+    tabs = report.build_tables(per_seed)
+    assert tabs["robust"] is None and "robust" not in report.summary(per_seed, tabs)
+
+
+def test_robustness_figures_draw(tmp_path):
+    from mlsys import figures
+
+    rob = report.build_tables(robust_seeds())["robust"]
+    figures.save(figures.robust_radius(report.robust_radius_rows(rob), rob["table"]["model"], "t"), tmp_path / "r.png")
+    fig = figures.robust_steps(rob["curves"], "t")
+    assert [ax.get_title() for ax in fig.axes] == ["segpgd", "sea", "worst of the attacks"]
+    assert len(fig.axes[2].lines) == 4                    # one line per model
+    figures.save(fig, tmp_path / "s.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000 and (tmp_path / "s.png").stat().st_size > 1000
