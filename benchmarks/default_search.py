@@ -6,7 +6,7 @@ into a temporary HDF5), trains model 1 per seed with ``mlsys.train.train_model``
 (``torch.manual_seed(seed)`` before ``build_model``, as the train stage does),
 keeps the state_dict of the epoch with the LOWEST VALIDATION LOSS (the
 ``train.keep: best`` rule, emulated through ``on_epoch``), and evaluates that kept
-model on the TEST split with ``mlsys.evaluate.evaluate`` ("dice" = macro nucleus
+model on the TEST split with ``mlsys.metrics.evaluate`` ("dice" = macro nucleus
 Dice). Each (config, seed) result is appended to the JSON file as soon as it is
 measured, with the training wall time and the thread count it ran under.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from mlsys.data import load_split, prepare
-from mlsys.evaluate import evaluate
+from mlsys.metrics import evaluate
 from mlsys.params import DataParams, ModelParams, TrainParams
 from mlsys.train import train_model
 

@@ -292,7 +292,7 @@ def _augment_stage(p, method: str, seed: int, shard_spec: str | None, group) -> 
     from . import figures, paths, tracking
     from .data import file_md5, head, require, write_json
     from .distributed import Shard, is_main
-    from .evaluate import predict
+    from .metrics import predict
     from .params import section_dict, show_progress
     from .train import load_weights, pick_device
 

@@ -1,31 +1,7 @@
-"""Segmentation metrics (both variants of DESIGN.md) and model evaluation.
-
-"standard": argmax prediction; per class c, TP/FP/FN pooled over every pixel of the
-  split; Dice = 2TP / (2TP + FP + FN), Jaccard = TP / (TP + FP + FN). A class that is
-  absent from both truth and prediction over the whole split has no score (NaN) and
-  is left out of the macro mean, which averages the five nucleus classes (1..5);
-  ``n_classes_scored`` says how many entered it.
-"paper": the original code's variant (PokeNet.py ``dice_cof_iou``): a channel fires
-  where its softmax is >= 0.1 (several channels may fire), scored against the raw
-  binarised PanNuke mask channels -- the channel bits of :mod:`mlsys.data`, in which
-  void pixels are set in no channel and overlap pixels in two -- with TP/FP/FN pooled
-  over all channels including background: one Dice and one Jaccard. Files without
-  /channels (written before it existed) are scored against the one-hot of the
-  semantic label instead; ``paper_truth_raw`` in the result is the fraction of
-  pixels scored against the raw channels (1.0 raw, 0.0 semantic) and
-  :attr:`SegMetrics.paper_truth` names it ("raw channels", "semantic", "mixed").
-  What the raw truth changes (measured): a void pixel's background channel is no
-  longer truth (fired: TP -> FP, silent: FN -> TN), an overlap pixel's second class
-  channel becomes truth (fired: FP -> TP, silent: TN -> FN); nothing else moves.
-  Test fixture (tests/test_metrics.py::test_raw_vs_semantic_truth_difference, 9 8x8
-  patches, 101 void and 40 overlap of 576 pixels, random logits): paper_dice 0.2329
-  raw vs 0.2582 semantic; a prediction equal to the semantic label scores 0.8708 raw
-  vs 1.0. Synthetic default (300 x 32x32; 1.51 % void, 0.018 % overlap pixels): that
-  prediction scores 0.9923 raw; model 1 trained 30 epochs on it (CPU defaults) has
-  test paper_dice 0.8083 raw vs 0.8196 semantic, paper_jaccard 0.6783 vs 0.6944
-  (standard metrics unchanged). Synthetic 40 x 256x256 (2.96 % void): 0.9850.
-Accuracy is the fraction of pixels whose argmax equals the label; loss the mean
-pixel cross-entropy. Counts are sums, so batches (and shards) simply add up.
+"""The evaluate stage: each model on the test split, clean, under the paper's attack and
+under the field's protocol (``evaluate.robust``: SegPGD, CosPGD, SEA at several L-inf radii,
+the worst case per image, per tissue, and curves over the attack steps). The metrics
+themselves (both variants) are in :mod:`mlsys.metrics`.
 """
 from __future__ import annotations
 
@@ -38,138 +14,9 @@ import torch.nn.functional as F
 
 from .attacks import attack_from_params, eval_mode
 from .data import N_CLASSES, unpack_channels
+from .metrics import SegMetrics, predict
 from .params import CLASS_NAMES
 
-
-@dataclass
-class SegMetrics:
-    """Accumulates pixel counts over batches; :meth:`result` turns them into scores."""
-
-    n_classes: int = 6
-    threshold: float = 0.1
-    loss_sum: float = 0.0
-    pixels: int = 0
-    correct: int = 0
-    tp: torch.Tensor = field(default=None)
-    fp: torch.Tensor = field(default=None)
-    fn: torch.Tensor = field(default=None)
-    paper: torch.Tensor = field(default=None)  # pooled TP, FP, FN of the "paper" variant
-    paper_raw: int = 0  # pixels whose "paper" truth was the raw channel bits (others: semantic one-hot)
-
-    def __post_init__(self) -> None:
-        z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-        self.tp, self.fp, self.fn, self.paper = z(self.n_classes), z(self.n_classes), z(self.n_classes), z(3)
-
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tensor | None = None) -> None:
-        """logits: (N, C, H, W); masks: (N, H, W) int64 class ids; channels: (N, H, W)
-        channel bits of :mod:`mlsys.data` (the "paper" truth; C must be 6), or None:
-        the "paper" variant then scores against the one-hot of ``masks``."""
-        logits, masks = logits.float(), masks.to(logits.device)
-        self.loss_sum += F.cross_entropy(logits, masks, reduction="sum").item()
-        self.pixels += masks.numel()
-        pred = logits.argmax(1)
-        self.correct += (pred == masks).sum().item()
-        C = self.n_classes
-        hist = torch.bincount((masks * C + pred).flatten(), minlength=C * C).view(C, C).double().cpu()
-        tp = hist.diag()
-        self.tp += tp
-        self.fp += hist.sum(0) - tp
-        self.fn += hist.sum(1) - tp
-        fired = logits.softmax(1) >= self.threshold   # original code: np.where(p < thr, 0, 1)
-        if channels is None:
-            truth = F.one_hot(masks, C).permute(0, 3, 1, 2).bool()
-        else:
-            if C != N_CLASSES or channels.shape != masks.shape:
-                raise ValueError(f"channel bits {tuple(channels.shape)} need {N_CLASSES} classes and the "
-                                 f"masks' shape; got {C} classes, masks {tuple(masks.shape)}")
-            truth = unpack_channels(channels.to(logits.device), C)
-            self.paper_raw += masks.numel()
-        self.paper += torch.tensor([(fired & truth).sum().item(), (fired & ~truth).sum().item(),
-                                    (~fired & truth).sum().item()], dtype=torch.float64)
-
-    def state(self) -> "np.ndarray":
-        """All counts as one float64 vector (exact: pixel counts stay far below 2**53)."""
-        return torch.cat([torch.tensor([self.loss_sum, self.pixels, self.correct], dtype=torch.float64),
-                          self.tp, self.fp, self.fn, self.paper,
-                          torch.tensor([self.paper_raw], dtype=torch.float64)]).numpy()
-
-    @classmethod
-    def from_state(cls, vec, n_classes: int, threshold: float) -> "SegMetrics":
-        m, v, C = cls(n_classes, threshold), torch.as_tensor(vec, dtype=torch.float64), n_classes
-        if v.shape != (3 * C + 7,):
-            raise ValueError(f"a state of {n_classes} classes has {3 * C + 7} counts, got shape {tuple(v.shape)}")
-        m.loss_sum, m.pixels, m.correct = float(v[0]), int(v[1]), int(v[2])
-        m.tp, m.fp, m.fn, m.paper = v[3:3 + C].clone(), v[3 + C:3 + 2 * C].clone(), \
-            v[3 + 2 * C:3 + 3 * C].clone(), v[3 + 3 * C:6 + 3 * C].clone()
-        m.paper_raw = int(v[6 + 3 * C])
-        return m
-
-    def merge(self, other: "SegMetrics") -> "SegMetrics":
-        self.loss_sum += other.loss_sum
-        self.pixels += other.pixels
-        self.correct += other.correct
-        self.paper_raw += other.paper_raw
-        for name in ("tp", "fp", "fn", "paper"):
-            getattr(self, name).add_(getattr(other, name))
-        return self
-
-    @property
-    def paper_truth(self) -> str:
-        """What the "paper" variant scored against: "raw channels" (every pixel),
-        "semantic" (no pixel: files without /channels) or "mixed"."""
-        if self.paper_raw == 0:
-            return "semantic"
-        return "raw channels" if self.paper_raw == self.pixels else "mixed"
-
-    def result(self) -> dict[str, float]:
-        """Flat metric dict (floats only): loss, accuracy, dice, jaccard (standard macro),
-        paper_dice, paper_jaccard, paper_truth_raw (fraction of pixels whose "paper"
-        truth was the raw channels), dice/<class>, jaccard/<class>, n_classes_scored."""
-        out = {"loss": self.loss_sum / max(self.pixels, 1), "accuracy": self.correct / max(self.pixels, 1)}
-        denom = self.tp + self.fp + self.fn
-        dice = torch.where(denom > 0, 2 * self.tp / (2 * self.tp + self.fp + self.fn), torch.nan)
-        jac = torch.where(denom > 0, self.tp / denom, torch.nan)
-        nuclei = [c for c in range(1, self.n_classes) if denom[c] > 0]
-        out["dice"] = float(dice[nuclei].mean()) if nuclei else math.nan
-        out["jaccard"] = float(jac[nuclei].mean()) if nuclei else math.nan
-        out["n_classes_scored"] = float(len(nuclei))
-        tp, fp, fn = self.paper.tolist()
-        out["paper_dice"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
-        out["paper_jaccard"] = tp / (tp + fp + fn) if tp + fp + fn else math.nan
-        out["paper_truth_raw"] = self.paper_raw / self.pixels if self.pixels else math.nan
-        for c in range(self.n_classes):
-            out[f"dice/{CLASS_NAMES[c]}"] = float(dice[c])
-            out[f"jaccard/{CLASS_NAMES[c]}"] = float(jac[c])
-        return out
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits (N, C, H, W) on the CPU for images (N, 3, H, W) in [0, 1], in eval mode."""
-    with eval_mode(model):
-        return torch.cat([model(images[i:i + batch_size].to(device)).float().cpu()
-                          for i in range(0, len(images), batch_size)])
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int,
-             device: torch.device, threshold: float = 0.1, group=None,
-             channels: torch.Tensor | None = None) -> dict[str, float]:
-    """Metrics of ``model`` on images (N, 3, H, W) in [0, 1] with masks (N, H, W) and,
-    where the data has them, channel bits (N, H, W) (the "paper" truth).
-    Under torchrun (``group``) each rank passes its share; the counts are summed."""
-    C = model.head.out_channels
-    m = SegMetrics(n_classes=C, threshold=threshold)
-    with eval_mode(model):
-        for i in range(0, len(images), batch_size):
-            m.update(model(images[i:i + batch_size].to(device)), masks[i:i + batch_size],
-                     None if channels is None else channels[i:i + batch_size])
-    if group is not None:
-        from .distributed import all_sum
-
-        m = SegMetrics.from_state(all_sum(torch.from_numpy(m.state()), group), C, threshold)
-    return m.result()
 
 # --------------------------------------------------------------------------- the field's protocol
 # (DESIGN.md, "Robustness evaluation as the field does it today"; settings: evaluate.robust)

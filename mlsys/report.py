@@ -415,7 +415,7 @@ def main(p) -> None:
     import torch
 
     from . import data, figures, paths, tracking
-    from .evaluate import predict
+    from .metrics import predict
     from .train import load_weights
 
     seeds = list(p.seeds)

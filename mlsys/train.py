@@ -32,7 +32,7 @@ from torch.utils.data import DistributedSampler
 
 from .data import atomic_path
 from .distributed import Group, all_sum, broadcast
-from .evaluate import evaluate
+from .metrics import evaluate
 from .model import UNet, build_model
 from .params import METHODS, MODELS, InputError, ModelParams, TrainParams  # noqa: F401 - MODELS used here
 
@@ -328,7 +328,7 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
     from . import figures, paths, tracking
     from .data import file_md5, write_csv, write_json
     from .distributed import is_main
-    from .evaluate import predict
+    from .metrics import predict
     from .params import section_dict, show_progress
 
     epochs = epochs_for(name, cfg)

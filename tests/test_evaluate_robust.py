@@ -12,8 +12,9 @@ import torch
 from mlsys import data
 from mlsys.attacks import full_area, pgd, untargeted
 from mlsys.distributed import ChunkStore, Shard
-from mlsys.evaluate import (SegMetrics, curve_points, evaluate_split, image_states, robust_results, robust_seed,
+from mlsys.evaluate import (curve_points, evaluate_split, image_states, robust_results, robust_seed,
                             split_tissues)
+from mlsys.metrics import SegMetrics
 from mlsys.model import UNet
 from mlsys.params import AttackParams, DataParams, EvaluateParams, ParamsError, RobustParams, load_params
 

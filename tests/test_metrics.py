@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, log_loss
 
-from mlsys.evaluate import SegMetrics
+from mlsys.metrics import SegMetrics
 from mlsys.params import CLASS_NAMES
 
 
@@ -154,7 +154,8 @@ def test_paper_variant_equals_the_authors_counts(tmp_path):
 def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     from mlsys import data
     from mlsys.distributed import ChunkStore
-    from mlsys.evaluate import evaluate, evaluate_split
+    from mlsys.evaluate import evaluate_split
+    from mlsys.metrics import evaluate
     from mlsys.model import UNet
     from mlsys.params import AttackParams, EvaluateParams
 
