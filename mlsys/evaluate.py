@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import attack_from_params, eval_mode
-from .data import N_CLASSES, unpack_channels
-from .metrics import SegMetrics, predict
+from .metrics import SegMetrics, paper_truth, predict
 from .params import CLASS_NAMES
 
 
@@ -44,13 +43,7 @@ def image_states(logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tens
     hist = torch.bincount((offset + masks * C + pred).flatten(), minlength=n * C * C).view(n, C, C).double()
     tp = hist.diagonal(dim1=1, dim2=2)
     fired = logits.softmax(1) >= threshold
-    if channels is None:
-        truth = F.one_hot(masks, C).permute(0, 3, 1, 2).bool()
-    else:
-        if C != N_CLASSES or channels.shape != masks.shape:
-            raise ValueError(f"channel bits {tuple(channels.shape)} need {N_CLASSES} classes and the "
-                             f"masks' shape; got {C} classes, masks {tuple(masks.shape)}")
-        truth = unpack_channels(channels.to(logits.device), C)
+    truth = paper_truth(masks, channels, C)
     paper = torch.stack([(fired & truth).flatten(1).sum(1), (fired & ~truth).flatten(1).sum(1),
                          (~fired & truth).flatten(1).sum(1)], 1).double()
     raw = pixels if channels is not None else torch.zeros_like(pixels)

@@ -42,6 +42,17 @@ from .data import N_CLASSES, unpack_channels
 from .params import CLASS_NAMES
 
 
+def paper_truth(masks: torch.Tensor, channels: torch.Tensor | None, n_classes: int) -> torch.Tensor:
+    """The "paper" variant's truth (N, C, H, W) bool on the masks' device: the raw channel
+    bits (N, H, W) where the data has them, else the one-hot of the labels masks (N, H, W)."""
+    if channels is None:
+        return F.one_hot(masks, n_classes).permute(0, 3, 1, 2).bool()
+    if n_classes != N_CLASSES or channels.shape != masks.shape:
+        raise ValueError(f"channel bits {tuple(channels.shape)} need {N_CLASSES} classes and the "
+                         f"masks' shape; got {n_classes} classes, masks {tuple(masks.shape)}")
+    return unpack_channels(channels.to(masks.device), n_classes)
+
+
 @dataclass
 class SegMetrics:
     """Accumulates pixel counts over batches; :meth:`result` turns them into scores."""
@@ -78,13 +89,8 @@ class SegMetrics:
         self.fp += hist.sum(0) - tp
         self.fn += hist.sum(1) - tp
         fired = logits.softmax(1) >= self.threshold   # original code: np.where(p < thr, 0, 1)
-        if channels is None:
-            truth = F.one_hot(masks, C).permute(0, 3, 1, 2).bool()
-        else:
-            if C != N_CLASSES or channels.shape != masks.shape:
-                raise ValueError(f"channel bits {tuple(channels.shape)} need {N_CLASSES} classes and the "
-                                 f"masks' shape; got {C} classes, masks {tuple(masks.shape)}")
-            truth = unpack_channels(channels.to(logits.device), C)
+        truth = paper_truth(masks, channels, C)
+        if channels is not None:
             self.paper_raw += masks.numel()
         self.paper += torch.tensor([(fired & truth).sum().item(), (fired & ~truth).sum().item(),
                                     (~fired & truth).sum().item()], dtype=torch.float64)
