@@ -159,7 +159,7 @@ def _image_mean(per_pixel: torch.Tensor) -> torch.Tensor:
 
 def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Share of pixels whose argmax class is the true one, per image (N,) in [0, 1]."""
-    return _image_mean((logits.argmax(1) == y).float())
+    return _image_mean((logits.max(1).indices == y).float())
 
 
 def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> torch.Tensor:
@@ -172,7 +172,7 @@ def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> to
     shashankskagnihotri/cospgd does the same, iteration/(2*iterations) from 0).
     Correct/wrong is the argmax of the same logits; the weights carry no gradient."""
     lam = t / (2 * steps)
-    correct = logits.argmax(1) == y
+    correct = logits.max(1).indices == y
     weight = torch.where(correct, 1.0 - lam, lam)
     return _image_mean(weight * _pixel_ce(logits, y))
 
@@ -196,7 +196,7 @@ def image_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def masked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SEA's Mask-CE: the CE of the pixels still classified correctly (mask detached),
     zero elsewhere, mean over ALL pixels (N,): fooled pixels stop pulling."""
-    correct = (logits.argmax(1) == y).float()
+    correct = (logits.max(1).indices == y).float()
     return _image_mean(correct * _pixel_ce(logits, y))
 
 
@@ -222,7 +222,7 @@ def balanced_masked_ce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Ten
             raise ValueError(f"class weights of shape {tuple(weights.shape)} are not ({c},)")
         w = weights.to(logits.device).float().expand(n, c)
     pixel_w = torch.gather(w, 1, y.flatten(1)).view_as(y)
-    correct = (logits.argmax(1) == y).float()
+    correct = (logits.max(1).indices == y).float()
     return _image_mean(correct * pixel_w * _pixel_ce(logits, y))
 
 

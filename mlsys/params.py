@@ -341,7 +341,12 @@ PAPER: dict[str, object] = {
     "evaluate.attack.mode": "faithful", "evaluate.attack.steps": 100,  # iterated FGSM, no projection
     "evaluate.attack.eps": 0.01, "evaluate.attack.target": 0, "evaluate.attack.amp": True,
     "augment.method1.mode": "faithful", "augment.method1.steps": 100, "augment.method1.eps": 0.01,
+    "augment.method1.amp": True,                         # bf16 attack loop on CUDA
     "augment.method2.eps": 0.01, "augment.method2.score": "l1", "augment.method2.select": "argmin",
+    "augment.method2.search": "exact",                   # all 729 candidates (the paper's search)
+    "augment.method2.amp": True, "augment.method2.channels_last": True,  # bf16 screen, fp32 winner
+    # beyond the paper: the field's protocol at its usual radii and steps (a GPU job)
+    "evaluate.robust.radii": [0.25, 0.5, 1, 2, 4, 8], "evaluate.robust.steps": 100,
 }
 
 
