@@ -426,7 +426,7 @@ def main(p) -> None:
     titles = table_titles(attack, len(seeds))
     shown = [(titles[0], mean_std_table(tabs["table1"], tabs["table1_std"])),
              (titles[1], mean_std_table(tabs["table2"], tabs["table2_std"])),
-             ("Paired differences from model 1 (" + PAIRED_NOTE + ")", paired_table(tabs["paired"])),
+             (PAIRED_NOTE, paired_table(tabs["paired"])),
              ("Table 1 per seed", tabs["table1_seeds"]), ("Table 2 per seed", tabs["table2_seeds"])]
     rob = tabs["robust"]
     if rob is not None:  # after Tables 1-2 and the paired differences, before the per-seed rows
