@@ -14,6 +14,7 @@ The champion (registered in MLflow by the report stage) is chosen by CHAMPION_CR
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -61,19 +62,24 @@ def over_seeds(tables: list[dict], columns: list[str] = COLUMNS) -> tuple[dict, 
     mean, std = {"model": list(tables[0]["model"])}, {"model": list(tables[0]["model"])}
     for col in columns:
         values = np.array([t[col] for t in tables], dtype=float)  # (seeds, models)
-        with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("ignore", RuntimeWarning)
-            mean[col] = np.nanmean(values, 0).tolist()
-            std[col] = (np.nanstd(values, 0, ddof=1) if len(tables) > 1 else np.full(values.shape[1], np.nan)).tolist()
+        mean[col] = _nan_stat(np.nanmean, values).tolist()
+        std[col] = (_nan_stat(np.nanstd, values, ddof=1) if len(tables) > 1
+                    else np.full(values.shape[1], np.nan)).tolist()
     return mean, std
+
+
+def _nan_stat(stat, values: np.ndarray, **kw) -> np.ndarray:
+    """``stat`` (np.nanmean, np.nanstd) over axis 0, NaN where a column has no number (a
+    class absent in every seed), without numpy's warning about it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return stat(values, 0, **kw)
 
 
 def per_seed_table(per_seed: dict[int, dict[str, dict]], key: str) -> dict[str, list]:
     """The rows of every (model, seed): ``per_seed[seed][model]`` is an evaluation JSON,
     ``key`` "clean" or "attack"."""
-    rows = {f"{m} seed {seed}": evals[m][key] for m in MODELS for seed, evals in per_seed.items()}
-    tab = table(rows)
-    return tab
+    return table({f"{m} seed {seed}": evals[m][key] for m in MODELS for seed, evals in per_seed.items()})
 
 
 def paired_differences(per_seed: dict[int, dict[str, dict]], baseline: str = "model1") -> list[dict]:
@@ -264,14 +270,12 @@ CHAMPION_CRITERION = ("highest mean over seeds of the standard Dice under the ev
 
 def mean_evals(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """{model: {"clean": means, "attack": means}} over the seeds (what the champion is chosen by)."""
-    out = {}
+    out: dict[str, dict] = {m: {} for m in MODELS}
     for m in MODELS:
-        out[m] = {}
         for key in ("clean", "attack"):
-            metrics = {k for s in per_seed.values() for k in s[m][key]}
-            out[m][key] = {k: float(np.nanmean([s[m][key].get(k, math.nan) for s in per_seed.values()]))
-                           if any(not math.isnan(s[m][key].get(k, math.nan)) for s in per_seed.values()) else math.nan
-                           for k in metrics}
+            names = sorted({k for s in per_seed.values() for k in s[m][key]})
+            values = np.array([[s[m][key].get(k, math.nan) for k in names] for s in per_seed.values()], dtype=float)
+            out[m][key] = dict(zip(names, _nan_stat(np.nanmean, values).tolist()))
     return out
 
 
