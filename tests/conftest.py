@@ -56,6 +56,3 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")
