@@ -6,7 +6,6 @@ themselves (both variants) are in :mod:`mlsys.metrics`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 
 from .attacks import attack_from_params, eval_mode
 from .metrics import SegMetrics, paper_truth, predict
-from .params import CLASS_NAMES
 
 
 # --------------------------------------------------------------------------- the field's protocol
