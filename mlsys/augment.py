@@ -13,9 +13,9 @@ index (see :mod:`mlsys.ops`, index 0 = the clean image); generation and scoring 
 through the fused ops there, whose plain-PyTorch references define the results.
 Fast paths (Method2Params): a bf16-autocast forward may screen the candidates, but the
 winner is always decided by fp32 scores (the ``exact_top`` best rescored); channels-last
-candidates; a torch.compile'd forward; and, beyond the paper, a "screened" search that
-scores exactly only the ``screen_k`` best of a first-order ranking (not exact: see
-benchmarks/screened.py for how often it finds the optimum). This module's searches
+candidates; a torch.compile'd forward; and, beyond the paper, a "screened" local search
+that scores a few dozen candidates, guided by a separable guess of the others' logits
+(not exact: benchmarks/screened.py measures how often it finds the optimum). This module's searches
 import with torch alone (the stage code imports data and distributed when it runs).
 """
 from __future__ import annotations
@@ -78,6 +78,12 @@ def _net(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
     return _COMPILED[0][1]
 
 
+def _forward(net, cand: torch.Tensor, amp: bool) -> torch.Tensor:
+    """Logits of a candidate batch; amp: in a bf16-autocast forward."""
+    with torch.autocast(cand.device.type, torch.bfloat16, enabled=amp):
+        return net(cand)
+
+
 def _scores(net, x, dirs, mask, index: torch.Tensor | None, score: str, select: str, chunk: int,
             amp: bool, channels_last: bool) -> torch.Tensor:
     """Scores (K,) float32 on x's device of candidates ``index`` (K,) int64, or of all
@@ -92,29 +98,8 @@ def _scores(net, x, dirs, mask, index: torch.Tensor | None, score: str, select: 
             cand = ops.candidates(x, dirs, start, count, 0.0, 1.0, dtype, channels_last)
         else:
             cand = ops.candidates_at(x, dirs, index[start:start + count], 0.0, 1.0, dtype, channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
-            logits = net(cand)
-        out.append(ops.score(logits, mask, score, select)[0])  # stays on the device: no sync
+        out.append(ops.score(_forward(net, cand, amp), mask, score, select)[0])  # on the device: no sync
     return torch.cat(out)
-
-
-def first_order_scores(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
-                       score: str = "l1", chunk: int = 243) -> torch.Tensor:
-    """Linear prediction of every candidate's score from one fp32 forward + backward at x:
-    score(x_s) ~ score(x) + <grad_x score(x), x_s - x>, x_s = clip(x + sum_c s_c a_c, 0, 1)
-    (the clipped step, so pixels at 0 or 1 count as they move).
-    x: (3, H, W); dirs: (C, 3, H, W); mask: (H, W). Returns (3^C,) float32 on x's device."""
-    xg = x.detach().float()[None].requires_grad_(True)
-    with torch.enable_grad(), eval_mode(model):
-        s0 = ops.score_ref(model(xg), mask, score)[0][0]   # the plain, differentiable score
-        (g,) = torch.autograd.grad(s0, xg)
-    g = g.flatten()
-    total = 3 ** dirs.shape[0]
-    out = []
-    for start in range(0, total, chunk):
-        step = ops.candidates(x, dirs, start, min(chunk, total - start)) - x
-        out.append(step.flatten(1) @ g)
-    return s0.detach() + torch.cat(out)
 
 
 def _pick(scores: torch.Tensor, select: str) -> torch.Tensor:
@@ -129,32 +114,122 @@ def _short_list(scores: torch.Tensor, k: int, select: str) -> torch.Tensor:
     return order[:k].sort().values
 
 
+# --------------------------------------------------------------------------- screened search
+def base3_digits(n_classes: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(3^C, C) int64: digit c of every base-3 index (0 -> sign 0, 1 -> +1, 2 -> -1)."""
+    powers = 3 ** torch.arange(n_classes, device=device)
+    return (torch.arange(3**n_classes, device=device)[:, None] // powers) % 3
+
+
+def neighbours(index: int, n_classes: int) -> list[int]:
+    """The 2C indices one digit (one class's sign) away from ``index``, class by class."""
+    out = []
+    for c in range(n_classes):
+        digit = (index // 3**c) % 3
+        out += [index + (v - digit) * 3**c for v in range(3) if v != digit]
+    return out
+
+
+def one_class_effects(logits: dict[int, torch.Tensor], centre: int, n_classes: int) -> torch.Tensor:
+    """E (C, 3, K, H, W): E[c, v] = logits(centre with digit c set to v) - logits(centre),
+    zero at the centre's own digit; ``logits`` holds the centre and its neighbours."""
+    base = logits[centre]
+    effects = torch.zeros(n_classes, 3, *base.shape, device=base.device)
+    for c in range(n_classes):
+        digit = (centre // 3**c) % 3
+        for v in range(3):
+            if v != digit:
+                effects[c, v] = logits[centre + (v - digit) * 3**c] - base
+    return effects
+
+
+def separable_logits(centre: torch.Tensor, effects: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+    """The screened search's surrogate, logits(s) ~ logits(centre) + sum_c E[c, s_c]: the
+    one-class changes measured around the centre, added as if the classes did not interact.
+    centre: (K, H, W); effects: (C, 3, K, H, W) from :func:`one_class_effects`;
+    digits: (N, C) of the candidates. Returns (N, K, H, W)."""
+    out = centre.expand(len(digits), *centre.shape).clone()
+    for c in range(effects.shape[0]):
+        out += effects[c][digits[:, c]]
+    return out
+
+
+@torch.no_grad()
+def screened_scores(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
+                    score: str = "l1", select: str = "argmin", chunk: int = 243, screen_k: int = 8,
+                    amp: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Beyond the paper: a local search that scores only a few of the 3^C candidates.
+
+    From a centre (first the clean image) the 2C candidates one sign away are scored;
+    their logits give :func:`separable_logits`, a guess of every candidate's logits, and
+    the ``screen_k`` candidates whose guessed score is best and that are not yet scored
+    are scored. The best candidate scored so far becomes the next centre; the search ends
+    when a round leaves the centre the best. So the winner is the best of all candidates
+    scored, and no worse than any candidate one sign away from it.
+    Returns scores (3^C,) float32 on x's device: those of the candidates scored (amp:
+    bf16-autocast forwards), +inf (argmin) or -inf (argmax) for the others."""
+    C = dirs.shape[0]
+    total = 3**C
+    digits = base3_digits(C, x.device)
+    worst = float("inf") if select == "argmin" else float("-inf")
+    dtype = torch.bfloat16 if amp else torch.float32
+    scores = torch.full((total,), worst, device=x.device)
+    scored = torch.zeros(total, dtype=torch.bool, device=x.device)
+    logits: dict[int, torch.Tensor] = {}  # float32 logits (K, H, W) of every candidate scored
+
+    def measure(index: torch.Tensor) -> None:
+        index = index[~scored[index]]
+        for start in range(0, len(index), chunk):
+            part = index[start:start + chunk]
+            out = _forward(model, ops.candidates_at(x, dirs, part, 0.0, 1.0, dtype, channels_last), amp).float()
+            scores[part] = ops.score(out, mask, score, select)[0]
+            scored[part] = True
+            logits.update(zip(part.tolist(), out))
+
+    centre = 0
+    while True:
+        measure(torch.tensor([centre, *neighbours(centre, C)], device=x.device))
+        base, effects = logits[centre], one_class_effects(logits, centre, C)
+        guess = torch.cat([ops.score(separable_logits(base, effects, digits[s:s + chunk]), mask, score,
+                                     select)[0] for s in range(0, total, chunk)])
+        guess[scored] = worst
+        left = int((~scored).sum())
+        if left:
+            measure(_short_list(guess, min(screen_k, left), select))
+        best = int(_pick(scores, select))
+        if best == centre:
+            return scores
+        centre = best
+
+
 @torch.no_grad()
 def search_image(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, mask: torch.Tensor,
                  score: str = "l1", select: str = "argmin", chunk: int = 243, amp: bool = False,
                  channels_last: bool = False, exact_top: int = 16, search: str = "exact",
-                 screen_k: int = 54, compile: bool = False) -> tuple[int, float]:
+                 screen_k: int = 8, compile: bool = False) -> tuple[int, float]:
     """Best of the 3^C candidates of one image against its true mask (model in eval mode).
 
     x: (3, H, W) in [0, 1]; dirs: (C, 3, H, W); mask: (H, W) int64.
     search "exact" (the paper): every candidate is scored. "screened" (beyond the paper):
-    :func:`first_order_scores` ranks all of them and only the ``screen_k`` best are
-    scored. amp: those scores come from a bf16-autocast forward, and the ``exact_top``
-    best of them are rescored in fp32; the winner is always decided by fp32 scores.
-    channels_last: candidates in channels-last layout (the model's weights are left
-    alone); compile: a torch.compile'd forward. One host sync, at the end.
+    :func:`screened_scores`, a local search that scores a few dozen. amp: those scores
+    come from bf16-autocast forwards, and the ``exact_top`` best of them are rescored in
+    fp32; the winner is always decided by fp32 scores. channels_last: candidates in
+    channels-last layout (the model's weights are left alone); compile: a
+    torch.compile'd forward (exact search: its batches keep one shape). The exact search
+    syncs with the host once, at the end; the screened one once a round.
     Returns (best base-3 index, its fp32 score); ties go to the lowest index."""
     if search not in SEARCHES:
         raise ValueError(f"search {search!r} is not one of {SEARCHES}")
-    net = _net(model, compile)
+    net = _net(model, compile and search == "exact")
     kw = dict(score=score, select=select, chunk=chunk, channels_last=channels_last)
-    index = None                                             # None: all 3^C, in order
     if search == "screened":
-        index = _short_list(first_order_scores(model, x, dirs, mask, score, chunk), screen_k, select)
-    scores = _scores(net, x, dirs, mask, index, amp=amp, **kw)
+        scores = screened_scores(model, x, dirs, mask, screen_k=screen_k, amp=amp, **kw)
+    else:
+        scores = _scores(net, x, dirs, mask, None, amp=amp, **kw)
+    index = None                                             # None: positions are the indices
     if amp:                                                  # fp32 decides among the bf16 short list
-        top = _short_list(scores, exact_top, select)
-        index = top if index is None else index[top]
+        top = min(exact_top, int(scores.isfinite().sum())) if search == "screened" else exact_top
+        index = _short_list(scores, top, select)
         scores = _scores(net, x, dirs, mask, index, amp=False, **kw)
     best = _pick(scores, select)
     pos = best if index is None else index[best]

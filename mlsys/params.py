@@ -128,8 +128,8 @@ class Method2Params:
     select: str = "argmin"         # "argmin": best match to the true mask (enhance); "argmax": adversarial
     chunk: int = 243               # candidates per forward pass (divides 729 = 3^6)
     batch_size: int = 8            # images whose directions are computed at once
-    search: str = "exact"          # "exact": score all 3^C candidates (paper); "screened": first-order short list
-    screen_k: int = 54             # screened: candidates scored exactly, the best of a first-order ranking
+    search: str = "exact"          # "exact": score all 3^C candidates (paper); "screened": a local search
+    screen_k: int = 8              # screened: candidates scored per round, the best of a separable guess
     amp: bool = True               # bf16-autocast forwards screen (CPU and CUDA); fp32 rescoring decides
     exact_top: int = 16            # amp: the best bf16-scored candidates rescored in fp32
     channels_last: bool = True     # candidates in channels-last memory format (weights untouched)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from mlsys.attacks import full_area, input_grad, pgd
-from mlsys.augment import class_directions, first_order_scores, method_one, method_two, search_image
+from mlsys.augment import (base3_digits, class_directions, method_one, method_two, neighbours, one_class_effects,
+                           screened_scores, search_image, separable_logits)
 from mlsys.model import UNet
-from mlsys.ops import index_signs
+from mlsys.ops import candidates_ref, index_signs
 from mlsys.params import Method1Params, Method2Params, Params, ParamsError
 
 SIZE = 8
@@ -237,52 +238,87 @@ def test_compiled_search_equals_the_plain_one():
     assert abs(value - best_of(table, "argmin")) <= 1e-5
 
 
-def test_first_order_scores_match_a_plain_linearisation():
-    """score(x) + <grad_x score(x), x_s - x> for every candidate, against autograd of the
-    brute-force score and the brute-force candidates."""
+def exact_scores(table, n_classes):
+    """The brute-force table as scores (3^C,) in base-3 index order."""
+    return torch.tensor([table[tuple(s.tolist())][1] for s in index_signs(torch.arange(3**n_classes), n_classes)])
+
+
+class LinearNet(torch.nn.Module):
+    """Logits linear in the image; ``head`` as in the U-Net (the searches read the class count there)."""
+
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, n_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def test_the_separable_guess_is_exact_for_a_linear_model():
+    """A 1x1 convolution's logits are linear in the image, so with no pixel clipped the
+    one-class effects add up exactly: the guess equals the logits of every candidate, and
+    a screened search of one candidate per round finds the exact optimum."""
     C = 4
-    model = unet(C, 9).eval()
-    x, masks = batch(1, C, 10)
-    dirs = class_directions(model, x, 0.05)[0]
+    torch.manual_seed(0)
+    model = LinearNet(C)
+    x, masks = batch(1, C, 20)                           # pixels in [0.1, 0.9]: eps 0.02 never clips
+    dirs = class_directions(model, x, 0.02)[0]
+    with torch.no_grad():
+        every = model(candidates_ref(x[0], dirs, 0, 3**C))
+    logits = {i: every[i] for i in [5, *neighbours(5, C)]}
+    guess = separable_logits(logits[5], one_class_effects(logits, 5, C), base3_digits(C))
+    torch.testing.assert_close(guess, every, atol=1e-5, rtol=1e-5)
     table = brute_force(model, x[0], dirs, masks[0], "l1")
-    xg = x[0].clone().requires_grad_(True)
-    onehot = F.one_hot(masks[0], C).permute(2, 0, 1).float()
-    s0 = (onehot - model(xg[None]).softmax(1)).abs().mean()
-    (g,) = torch.autograd.grad(s0, xg)
-    # brute_force enumerates product((-1, 0, 1)), our base-3 index another order: map it
-    signs = index_signs(torch.arange(3**C), C)
-    want = torch.stack([s0.detach() + ((table[tuple(s.tolist())][0] - x[0]) * g).sum() for s in signs])
-    got = first_order_scores(model, x[0], dirs, masks[0], "l1", chunk=10)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    # the prediction is informative: it ranks the exact scores better than chance
-    exact = torch.tensor([table[tuple(s.tolist())][1] for s in signs])
-    assert torch.corrcoef(torch.stack([got, exact]))[0, 1] > 0.3
+    scores = screened_scores(model, x[0], dirs, masks[0], "l1", "argmin", chunk=7, screen_k=1)
+    assert int(scores.argmin()) == int(exact_scores(table, C).argmin())
+    assert int(scores.isfinite().sum()) < 3**C
+
+
+def test_neighbours_change_one_sign():
+    signs = index_signs(torch.arange(3**4), 4)
+    for i in (0, 17, 80):
+        near = neighbours(i, 4)
+        assert len(set(near)) == 8
+        assert all(int((signs[j] != signs[i]).sum()) == 1 for j in near)
 
 
 @pytest.mark.parametrize("select", ["argmin", "argmax"])
-def test_screened_search_keeps_the_best_of_its_short_list(select):
+def test_screened_search_ends_at_a_local_optimum(select):
+    """On random U-Nets: the screened winner's score is its brute-force score, no one-sign
+    neighbour beats it, far fewer than 3^C candidates are scored; screen_k = 3^C scores
+    them all in its first round, which is the exact search."""
     C = 6
     model = unet(C, 11).eval()
     x, masks = batch(2, C, 12)
     dirs = class_directions(model, x, 0.05)
+    better = (lambda a, b: a < b - 1e-7) if select == "argmin" else (lambda a, b: a > b + 1e-7)
     for n in range(2):
-        table = brute_force(model, x[n], dirs[n], masks[n], "l1")
-        signs = index_signs(torch.arange(3**C), C)
-        exact = torch.tensor([table[tuple(s.tolist())][1] for s in signs])
-        pred = first_order_scores(model, x[n], dirs[n], masks[n], "l1")
-        for k in (1, 9, 81):
-            order = torch.argsort(pred if select == "argmin" else -pred, stable=True)[:k]
-            want = exact[order].min() if select == "argmin" else exact[order].max()
-            idx, value = search_image(model, x[n], dirs[n], masks[n], "l1", select, 50,
-                                      search="screened", screen_k=k)
-            assert idx in order.tolist() and abs(value - float(want)) <= 1e-6
-            assert abs(float(exact[idx]) - value) <= 1e-6
-        # the whole list is the exact search
+        exact = exact_scores(brute_force(model, x[n], dirs[n], masks[n], "l1"), C)
+        scores = screened_scores(model, x[n], dirs[n], masks[n], "l1", select, 50, screen_k=4)
+        done = scores.isfinite()
+        torch.testing.assert_close(scores[done], exact[done], atol=1e-6, rtol=0)
+        idx, value = search_image(model, x[n], dirs[n], masks[n], "l1", select, 50, search="screened",
+                                  screen_k=4)
+        assert abs(value - float(exact[idx])) <= 1e-6 and value == pytest.approx(float(
+            scores.min() if select == "argmin" else scores.max()), abs=1e-7)
+        assert not any(better(float(exact[j]), value) for j in neighbours(idx, C))
+        assert 13 <= int(done.sum()) < 3**C // 4
         _, value = search_image(model, x[n], dirs[n], masks[n], "l1", select, 243,
                                 search="screened", screen_k=3**C)
-        assert abs(value - best_of(table, select)) <= 1e-6
+        assert abs(value - best_of(brute_force(model, x[n], dirs[n], masks[n], "l1"), select)) <= 1e-6
     with pytest.raises(ValueError, match="search 'greedy' is not one of"):
         search_image(model, x[0], dirs[0], masks[0], search="greedy")
+
+
+def test_screened_search_with_amp_is_decided_in_fp32():
+    C = 6
+    model = unet(C, 15).eval()
+    x, masks = batch(1, C, 16)
+    dirs = class_directions(model, x, 0.05)
+    exact = exact_scores(brute_force(model, x[0], dirs[0], masks[0], "l1"), C)
+    idx, value = search_image(model, x[0], dirs[0], masks[0], "l1", "argmin", 50, amp=True, exact_top=4,
+                              search="screened", screen_k=4)
+    assert abs(value - float(exact[idx])) <= 1e-6   # the fp32 score, not the bf16 one
 
 
 def test_method_two_takes_the_search_settings_from_cfg():

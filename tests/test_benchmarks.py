@@ -41,3 +41,29 @@ def test_gpu_check_runs_its_steps_at_the_cpu_size(tmp_path):
         "training", "validation passes", "method one", "method two", "evaluation"}
     assert all(r["ms_per_image"] > 0 for r in result["fold2"]) and result["total_minutes"] > 0
     assert (out / "method2_cpu-small.json").exists()
+
+
+def test_screened_benchmark_validates_and_reports_every_search(tmp_path):
+    """benchmarks/screened.py on the pipeline's own kind of inputs (weights and data files):
+    it checks the library's searches against the exact tables, then writes one row per search."""
+    import torch
+
+    from mlsys import data
+    from mlsys.model import build_model
+    from mlsys.params import DataParams, load_params
+    from mlsys.train import save_weights
+
+    data.prepare(DataParams(n_images=30), tmp_path / "clean.h5", progress=False)
+    mp = load_params(ROOT / "params.yaml").model
+    torch.manual_seed(0)
+    save_weights(build_model(mp), mp, tmp_path / "model1.pt")
+    out = tmp_path / "screened.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/screened.py"), "--data", str(tmp_path / "clean.h5"),
+                           "--weights", str(tmp_path / "model1.pt"), "--images", "3", "--time-images", "1",
+                           "--ks", "4", "--exact-tops", "4", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["search"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"exact fp32", "screened", "first-order*", "exact, bf16 screen"}
+    assert rows["exact fp32"]["exact_share"] == 1.0 and rows["exact fp32"]["forwards"] == 729
+    assert 13 <= rows["screened"]["forwards"] < 729 and rows["screened"]["images"] == 3
