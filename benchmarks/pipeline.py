@@ -8,9 +8,10 @@ configuration with the stages' own functions, then extrapolated to PanNuke fold 
 Timed, each after a warm-up call, on random images of the configuration's size and a
 randomly initialised U-Net (cost does not depend on the weights):
   train step    mlsys.train.train_model, one epoch over `images` images (per image)
-  PGD step      mlsys.attacks.pgd, `steps` faithful targeted steps (per image and step)
+  PGD step      mlsys.attacks.attack_from_params, `steps` faithful targeted steps (per image and step)
   method one    mlsys.augment.method_one, C classes x `steps` steps (per image, scaled to 100 steps)
   method two    mlsys.augment.method_two, C backward + 3^C forward passes (per image)
+  screened      (beyond the paper, not in the total) method two with search "screened", screen_k 8
   evaluation    mlsys.attacks.attack_from_params, the 100-step evaluation attack (scaled) + one forward
 Fold 2 (DESIGN.md): 1682 training, 280 validation and 561 test images, 60 epochs, 100 attack
 steps, four models (models 1-3: 60 epochs on 1682 images; model 4: 20 epochs on 3 x 1682),
@@ -31,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 from mlsys import augment, ops  # noqa: E402
-from mlsys.attacks import attack_from_params, full_area, pgd  # noqa: E402
+from mlsys.attacks import attack_from_params  # noqa: E402
 from mlsys.model import build_model  # noqa: E402
 from mlsys.params import (AttackParams, Method1Params, Method2Params, ModelParams, TrainParams,  # noqa: E402
                           load_params)
@@ -49,20 +50,31 @@ class Config:
     images: int = 18             # images per timed call (one training batch: train.batch_size)
     steps: int = 4               # attack steps timed (scaled to 100)
     chunk: int = 243             # method two: candidates per forward
-    amp: bool = False            # bf16 autocast (CUDA only, as the stages)
-    channels_last: bool = False  # channels-last memory format (CUDA only)
+    # the attack loops (PGD step, method one, evaluation) and training (CUDA only, as train.*)
+    amp: bool = False            # bf16 autocast
+    channels_last: bool = True   # channels-last inputs
+    compile: bool = False        # torch.compile
+    # method two's search (augment.method2.*)
+    search_amp: bool = True      # bf16 screen, the fp32 winner among the best 16
+    search_channels_last: bool = True
+    search_compile: bool = False
 
 
 def _default() -> Config:
     p = load_params(ROOT / "params.yaml")
+    a, m2 = p.augment.method1, p.augment.method2
     return Config(size=p.data.image_size, base=p.model.base, depth=p.model.depth, variant=p.model.variant,
-                  images=p.train.batch_size, chunk=p.augment.method2.chunk)
+                  images=p.train.batch_size, chunk=m2.chunk, amp=a.amp, channels_last=a.channels_last,
+                  compile=a.compile, search_amp=m2.amp, search_channels_last=m2.channels_last,
+                  search_compile=m2.compile)
 
 
 CONFIGS = {
     "cpu-small": lambda: Config(size=32, base=8, images=8, steps=2),
     "default": _default,
-    "paper": lambda: Config(size=256, base=64, variant="original", images=18, steps=4, amp=True, channels_last=True),
+    # the settings of params.PAPER (`mlsys paper`)
+    "paper": lambda: Config(size=256, base=64, variant="original", images=18, steps=4, amp=True, channels_last=True,
+                            compile=False, search_amp=True, search_channels_last=True, search_compile=True),
 }
 
 
@@ -92,22 +104,25 @@ def measure(cfg: Config, device: torch.device, repeat: int = 1) -> dict[str, flo
     model = build_model(mcfg).to(device).eval()
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    tcfg = TrainParams(epochs=1, batch_size=n, device=str(device), amp=cfg.amp, channels_last=cfg.channels_last)
+    tcfg = TrainParams(epochs=1, batch_size=n, device=str(device), amp=cfg.amp, channels_last=cfg.channels_last)  # CUDA
     valid = (x[:1].cpu(), y[:1].cpu())
 
     def train_epoch():
         train_model(model, (x.cpu(), y.cpu()), valid, tcfg, 1, progress=False)
 
-    acfg = AttackParams(mode="faithful", steps=cfg.steps, eps=0.01, target=0, amp=cfg.amp)
-    m1 = Method1Params(steps=cfg.steps, batch_size=n)
-    m2 = Method2Params(chunk=cfg.chunk, batch_size=n)
+    fast = dict(amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile)
+    acfg = AttackParams(mode="faithful", steps=cfg.steps, eps=0.01, target=0, **fast)
+    m1 = Method1Params(steps=cfg.steps, batch_size=n, **fast)
+    m2 = Method2Params(chunk=cfg.chunk, batch_size=n, amp=cfg.search_amp, channels_last=cfg.search_channels_last,
+                       compile=cfg.search_compile)
     per = {}
     per["train step"] = timed(train_epoch, device, repeat) / n
     model.eval()
-    per["PGD step"] = timed(lambda: pgd(model, x, full_area(x, 0), steps=cfg.steps, amp=cfg.amp), device,
-                            repeat) / (n * cfg.steps)
+    per["PGD step"] = timed(lambda: attack_from_params(model, x, acfg, 0), device, repeat) / (n * cfg.steps)
     per["method one"] = timed(lambda: augment.method_one(model, x, m1), device, repeat) / n * FOLD2["steps"] / cfg.steps
     per["method two"] = timed(lambda: augment.method_two(model, x, y, m2), device, repeat) / n
+    screened = replace(m2, search="screened", screen_k=8)
+    per["method two, screened"] = timed(lambda: augment.method_two(model, x, y, screened), device, repeat) / n
     with torch.no_grad():
         forward = timed(lambda: model(x), device, repeat) / n
     per["evaluation"] = timed(lambda: attack_from_params(model, x, acfg, 0), device, repeat) / n \
@@ -153,6 +168,9 @@ def main() -> int:
         print(f"{r['stage']:40s} {r['ms_per_image']:10.2f} {r['images']:9d} {r['minutes']:9.2f}")
     total = sum(r["minutes"] for r in rows)
     print(f"{'total':40s} {'':10s} {'':9s} {total:9.2f}")
+    screened = per["method two, screened"]
+    print(f"{'(method two screened, k 8: not in total)':40s} {1e3 * screened:10.2f} {FOLD2['train'] * args.seeds:9d} "
+          f"{screened * FOLD2['train'] * args.seeds / 60:9.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"pipeline_{args.config}_{device.type}.json"
     path.write_text(json.dumps({"config": args.config, "settings": asdict(cfg), "device": machine,

@@ -80,7 +80,7 @@ def logits_and_grad(model: torch.nn.Module, x: torch.Tensor, loss_of: Callable[[
     a per-image loss (N,) per image: image i's gradient is that of its own loss."""
     x = x.detach().requires_grad_(grad)
     with torch.enable_grad() if grad else torch.no_grad():  # enable: also inside a caller's no_grad()
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
             logits = model(x)
         if not grad:
             return logits, None
@@ -133,12 +133,53 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *, mode: 
     return adv
 
 
-def attack_from_params(model: torch.nn.Module, x: torch.Tensor, cfg, target_class: int) -> torch.Tensor:
-    """Targeted attack toward full-area ``target_class`` with settings ``cfg``
-    (an AttackParams or Method1Params)."""
-    return pgd(model, x, full_area(x, target_class), mode=cfg.mode, eps=cfg.eps,
+def attack_from_params(model: torch.nn.Module, x: torch.Tensor, cfg, target_class: int,
+                       on_step: OnStep | None = None) -> torch.Tensor:
+    """Targeted attack toward full-area ``target_class`` with settings ``cfg`` (an
+    AttackParams or Method1Params: mode, eps, alpha, steps, random start, and the fast
+    paths amp, channels_last, compile, through :func:`fast`)."""
+    net = fast(model, getattr(cfg, "channels_last", False), getattr(cfg, "compile", False))
+    return pgd(net, x, full_area(x, target_class), mode=cfg.mode, eps=cfg.eps,
                alpha=getattr(cfg, "alpha", None), steps=cfg.steps, targeted=True,
-               random_start=getattr(cfg, "random_start", False), amp=getattr(cfg, "amp", False))
+               random_start=getattr(cfg, "random_start", False), amp=getattr(cfg, "amp", False), on_step=on_step)
+
+
+# --------------------------------------------------------------------------- fast paths
+_COMPILED: list[tuple[torch.nn.Module, torch.nn.Module]] = []  # (model, its compiled wrapper)
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(model)``, kept for the last model compiled: a new wrapper per batch
+    or image would trace again (the wrapper holds the model, so one only)."""
+    if not _COMPILED or _COMPILED[0][0] is not model:
+        _COMPILED[:] = [(model, torch.compile(model, dynamic=False))]
+    return _COMPILED[0][1]
+
+
+class FastForward(torch.nn.Module):
+    """``model`` computing the same function faster on some hardware: its inputs in
+    channels-last layout (NHWC convolutions), its forward torch.compile'd. The attacks take
+    it in place of the model, so one attack loop serves every setting; gradients come back
+    to the input in the input's own layout, and the model's weights are left alone."""
+
+    def __init__(self, model: torch.nn.Module, channels_last: bool, compile: bool):
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+        self.__dict__["run"] = compiled(model) if compile else model  # not a second submodule
+        self.train(model.training)  # a new module is in training mode: eval_mode would restore that
+
+    @property
+    def head(self) -> torch.nn.Module:  # the class count is read from model.head.out_channels
+        return self.model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+
+
+def fast(model: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> torch.nn.Module:
+    """The model itself, or a :class:`FastForward` of it."""
+    return FastForward(model, channels_last, compile) if channels_last or compile else model
 
 
 # --------------------------------------------------------------------------- the field's attacks

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .attacks import eval_mode, full_area, input_grad, pgd
+from .attacks import attack_from_params, compiled, eval_mode, input_grad
 
 if TYPE_CHECKING:  # the searches import with torch alone (GPU machines: no yaml, tqdm, mlflow, dvc)
     from .distributed import Group, Shard
@@ -44,8 +44,7 @@ def method_one(model: torch.nn.Module, x: torch.Tensor, cfg: Method1Params,
     targeted pass toward each class of ``classes`` (default 0..C-1) in turn."""
     classes = list(range(model.head.out_channels)) if classes is None else classes
     for c in classes:
-        x = pgd(model, x, full_area(x, c), mode=cfg.mode, eps=cfg.eps, alpha=cfg.alpha,
-                steps=cfg.steps, targeted=True, amp=cfg.amp)
+        x = attack_from_params(model, x, cfg, c)
     return x
 
 
@@ -65,17 +64,9 @@ def class_directions(model: torch.nn.Module, x: torch.Tensor, eps: float, amp: b
     return (eps * g.sign()).view(n, C, *x.shape[1:])
 
 
-_COMPILED: list[tuple[torch.nn.Module, torch.nn.Module]] = []  # (model, its compiled wrapper)
-
-
 def _net(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
-    """The model itself, or its torch.compile wrapper, kept for the last model compiled
-    (a new wrapper per image would re-trace; the wrapper holds the model, so one only)."""
-    if not compile:
-        return model
-    if not _COMPILED or _COMPILED[0][0] is not model:
-        _COMPILED[:] = [(model, torch.compile(model, dynamic=False))]
-    return _COMPILED[0][1]
+    """The model itself, or its torch.compile wrapper (kept across images)."""
+    return compiled(model) if compile else model
 
 
 def _forward(net, cand: torch.Tensor, amp: bool) -> torch.Tensor:

@@ -146,9 +146,10 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     ``curve_points`` (the last row: per image the worst of the attacks at each point; NaN
     where an attack has no point inside the eps-ball, see ``StepStates``),
     "robust_tissue_clean" (T, S), "robust_tissue_worst" (R, T, S)."""
-    from .attacks import worst_case
+    from .attacks import fast, worst_case
 
     rc, C, thr = cfg.robust, model.head.out_channels, cfg.paper_threshold
+    model = fast(model, cfg.attack.channels_last, cfg.attack.compile)  # evaluate.attack's fast paths, as amp
     points = curve_points(rc.steps, rc.curve_every)
 
     def states(logits: torch.Tensor) -> torch.Tensor:
@@ -193,14 +194,6 @@ def split_tissues(path: str, split: str) -> list[str]:
     return sorted(set(names[split_of(path, split)].tolist()))
 
 
-def _paper_attack(model, images, acfg, on_step):
-    """The evaluation attack of ``acfg`` (as ``attacks.attack_from_params``) with on_step."""
-    from .attacks import full_area, pgd
-
-    return pgd(model, images, full_area(images, acfg.target), mode=acfg.mode, eps=acfg.eps, alpha=acfg.alpha,
-               steps=acfg.steps, targeted=True, random_start=acfg.random_start, amp=acfg.amp, on_step=on_step)
-
-
 def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: torch.device,
                    store=None, shard=None, group=None, progress: bool = True):
     """Metrics of ``model`` on a split of the HDF5 file ``path``, clean and under the
@@ -233,7 +226,7 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
         if rc.enabled:  # the paper attack's curve over its steps, from its own forwards
             along = StepStates(paper_points, [acfg.steps], False, lambda z: image_states(z, masks, bits, C, thr),
                                masks)
-            adv = _paper_attack(model, images, acfg, along.on_step)
+            adv = attack_from_params(model, images, acfg, acfg.target, along.on_step)
             out["paper_curve"] = along.result(paper_points).sum(1).numpy()
         else:
             adv = attack_from_params(model, images, acfg, acfg.target)

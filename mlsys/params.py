@@ -85,7 +85,9 @@ class AttackParams:
     target: int = 0                # full-area target class (0 = background, as in the paper)
     random_start: bool = False     # standard: start from a uniform point in the eps-ball
     batch_size: int = 32           # images attacked at once
-    amp: bool = False              # bf16 autocast on CUDA
+    amp: bool = False              # bf16 autocast (CPU and CUDA): faster, but the gradients change
+    channels_last: bool = True     # channels-last inputs: the same attack, faster on this CPU and on GPUs
+    compile: bool = False          # torch.compile the U-Net of the attack (minutes of compiling first)
 
 
 @dataclass
@@ -118,7 +120,9 @@ class Method1Params:
     steps: int = 10                # iterations per class pass (paper: 100)
     mode: str = "faithful"         # attack mode, as in AttackParams
     batch_size: int = 32           # images attacked at once (also the HDF5 chunk written)
-    amp: bool = False              # bf16 autocast of the attack's forward/backward on CUDA
+    amp: bool = False              # bf16 autocast of the attack (CPU and CUDA): faster, gradients change
+    channels_last: bool = True     # channels-last inputs: the same attack, faster on this CPU and on GPUs
+    compile: bool = False          # torch.compile the U-Net of the attack
 
 
 @dataclass
@@ -339,12 +343,14 @@ PAPER: dict[str, object] = {
     "train.model4_epoch_fraction": 0.3333333333,
     "train.amp": True, "train.channels_last": True,      # bf16 and NHWC on CUDA (ignored on CPU)
     "evaluate.attack.mode": "faithful", "evaluate.attack.steps": 100,  # iterated FGSM, no projection
-    "evaluate.attack.eps": 0.01, "evaluate.attack.target": 0, "evaluate.attack.amp": True,
+    "evaluate.attack.eps": 0.01, "evaluate.attack.target": 0,
+    "evaluate.attack.amp": True, "evaluate.attack.channels_last": True,  # bf16 NHWC attack loops
     "augment.method1.mode": "faithful", "augment.method1.steps": 100, "augment.method1.eps": 0.01,
-    "augment.method1.amp": True,                         # bf16 attack loop on CUDA
+    "augment.method1.amp": True, "augment.method1.channels_last": True,  # (the field's protocol too)
     "augment.method2.eps": 0.01, "augment.method2.score": "l1", "augment.method2.select": "argmin",
     "augment.method2.search": "exact",                   # all 729 candidates (the paper's search)
-    "augment.method2.amp": True, "augment.method2.channels_last": True,  # bf16 screen, fp32 winner
+    "augment.method2.amp": True, "augment.method2.channels_last": True,  # bf16 screen, fp32 winner,
+    "augment.method2.compile": True,                     # compiled forwards (DESIGN.md: 0.25 -> 0.15 s)
     # beyond the paper: the field's protocol at its usual radii and steps (a GPU job)
     "evaluate.robust.radii": [0.25, 0.5, 1, 2, 4, 8], "evaluate.robust.steps": 100,
 }

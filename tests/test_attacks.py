@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsys.attacks import fgsm, full_area, input_grad, pgd
+from mlsys.attacks import attack_from_params, fast, fgsm, full_area, input_grad, logits_and_grad, pgd
 from mlsys.model import UNet
+from mlsys.params import AttackParams
 
 SIZE = 16
 
@@ -229,3 +230,57 @@ def test_targeted_attack_drives_a_trained_model_to_background():
         after = (net(adv).argmax(1) == 0).float().mean()
     # at least half of the pixels not yet predicted background now are
     assert after >= before + 0.5 * (1 - before)
+
+
+# --------------------------------------------------------------------------- fast paths
+@pytest.mark.parametrize("training", [True, False])
+def test_fast_forward_computes_the_plain_function_and_keeps_the_mode(model, training):
+    """Channels-last inputs: the same logits and input gradient as the plain model (float
+    order only); the model's mode and weights as
+    they were after an attack through the wrapper."""
+    model.train(training)
+    x = images(3)
+    target = full_area(x, 2)
+    net = fast(model, channels_last=True)
+    assert net.head is model.head and net.training == training
+    with torch.no_grad():
+        before = [p.clone() for p in model.parameters()]
+    model.eval()
+    plain = logits_and_grad(model, x, lambda z: F.cross_entropy(z, target))
+    got = logits_and_grad(fast(model, channels_last=True), x, lambda z: F.cross_entropy(z, target))
+    model.train(training)
+    torch.testing.assert_close(got[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], plain[1], atol=1e-7, rtol=1e-4)
+    cfg = AttackParams(steps=2, channels_last=True)
+    attack_from_params(model, x, cfg, 0)
+    assert model.training == training
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert fast(model) is model
+
+
+def test_bf16_attack_follows_the_fp32_gradient(model):
+    """amp on the CPU: the bf16-autocast gradient points the way of the fp32 one (most
+    signs agree), and the bf16 attack lowers the target loss as the fp32 one does."""
+    model.eval()
+    x = images(4)
+    target = full_area(x, 3)
+    g32 = input_grad(model, x, target)
+    g16 = input_grad(model, x, target, amp=True)
+    assert (g32.sign() == g16.sign()).float().mean() > 0.9
+    loss = lambda adv: F.cross_entropy(model(adv), target).item()  # noqa: E731
+    with torch.no_grad():
+        start = loss(x)
+        for amp in (False, True):
+            adv = attack_from_params(model, x, AttackParams(steps=5, eps=0.01, amp=amp, target=3), 3)
+            assert loss(adv) < start - 0.01, amp
+
+
+@pytest.mark.slow
+def test_compiled_attack_equals_the_plain_one(model):
+    """torch.compile'd attack loop (CPU inductor: tens of seconds to compile)."""
+    model.eval()
+    x = images(2)
+    plain = attack_from_params(model, x, AttackParams(steps=3, channels_last=False), 1)
+    got = attack_from_params(model, x, AttackParams(steps=3, channels_last=True, compile=True), 1)
+    assert ((got - plain).abs() > 1e-5).float().mean() <= 0.001

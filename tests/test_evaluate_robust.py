@@ -43,7 +43,9 @@ def model() -> UNet:
 
 def protocol(chunk: int, attacks=("pgd", "segpgd", "sea"), radii=(4.0, 8.0), steps=3, every=1,
              paper_steps=2, mode="faithful") -> EvaluateParams:
-    return EvaluateParams(n_panel=1, attack=AttackParams(steps=paper_steps, batch_size=chunk, mode=mode),
+    # the plain fp32 NCHW attack, as the independent recomputations run it (fast paths: test_attacks.py)
+    attack = AttackParams(steps=paper_steps, batch_size=chunk, mode=mode, channels_last=False)
+    return EvaluateParams(n_panel=1, attack=attack,
                           robust=RobustParams(attacks=list(attacks), radii=list(radii), steps=steps,
                                               curve_every=every))
 
