@@ -509,6 +509,13 @@ def split_of(path: str | os.PathLike, split: str) -> np.ndarray:
         return f[f"split/{split}"][:]
 
 
+def split_tissues(path: str | os.PathLike, split: str) -> list[str]:
+    """The sorted tissue names of a split's images (HDF5 /tissue)."""
+    with h5py.File(path, "r") as f:
+        names = f["tissue"].asstr()[:]
+    return sorted(set(names[split_of(path, split)].tolist()))
+
+
 def has_channels(path: str | os.PathLike) -> bool:
     """Whether the file holds /channels (files written before it existed do not)."""
     with _open(path) as f:

@@ -183,17 +183,6 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     return out
 
 
-def split_tissues(path: str, split: str) -> list[str]:
-    """The sorted tissue names of a split's images (HDF5 /tissue)."""
-    import h5py
-
-    from .data import split_of
-
-    with h5py.File(path, "r") as f:
-        names = f["tissue"].asstr()[:]
-    return sorted(set(names[split_of(path, split)].tolist()))
-
-
 def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: torch.device,
                    store=None, shard=None, group=None, progress: bool = True):
     """Metrics of ``model`` on a split of the HDF5 file ``path``, clean and under the
@@ -206,7 +195,7 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
     SegMetrics, panel arrays of the first ``cfg.n_panel`` images (image, adversarial, mask,
     logits), robust: :func:`robust_merge`'s dict, None where ``cfg.robust.enabled`` is
     false), or None where this process only computed its chunks."""
-    from .data import iter_chunks, split_of
+    from .data import iter_chunks, split_of, split_tissues
     from .distributed import Shard, chunk_sizes, is_main, run_chunks
 
     shard = shard or Shard()

@@ -12,8 +12,8 @@ import torch
 from mlsys import data
 from mlsys.attacks import full_area, pgd, untargeted
 from mlsys.distributed import ChunkStore, Shard
-from mlsys.evaluate import (curve_points, evaluate_split, image_states, robust_results, robust_seed,
-                            split_tissues)
+from mlsys.data import split_tissues
+from mlsys.evaluate import curve_points, evaluate_split, image_states, robust_results, robust_seed
 from mlsys.metrics import SegMetrics
 from mlsys.model import UNet
 from mlsys.params import AttackParams, DataParams, EvaluateParams, ParamsError, RobustParams, load_params
