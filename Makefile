@@ -23,7 +23,7 @@ $(STAMP): requirements.txt constraints.txt setup.py $(wildcard csrc/*)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
-	$(VENV)/bin/python -m pip install -q --no-build-isolation -e .
+	$(VENV)/bin/python -m pip install -q --no-build-isolation --use-pep517 -e .
 	$(VENV)/bin/python -c "import mlsys.ops as o; print('mlsys ops backend:', o.backend())"
 	touch $@
 
