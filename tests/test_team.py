@@ -58,7 +58,10 @@ def postgres(bin_dir: Path) -> Iterator[str]:
         except KeyError:
             user = pwd.getpwnam("nobody")
         os.chown(base, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", user.pw_name, "--"]
+        # runuser sits in /usr/sbin, which a non-login PATH may lack
+        runuser = shutil.which("runuser") or next(
+            (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)), "runuser")
+        as_user = [runuser, "-u", user.pw_name, "--"]
 
     def pg(*cmd: str, server: bool = True) -> None:
         proc = subprocess.run([*(as_user if server else []), str(bin_dir / cmd[0]), *cmd[1:]], cwd=base,
