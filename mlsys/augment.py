@@ -64,11 +64,6 @@ def class_directions(model: torch.nn.Module, x: torch.Tensor, eps: float, amp: b
     return (eps * g.sign()).view(n, C, *x.shape[1:])
 
 
-def _net(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
-    """The model itself, or its torch.compile wrapper (kept across images)."""
-    return compiled(model) if compile else model
-
-
 def _forward(net, cand: torch.Tensor, amp: bool) -> torch.Tensor:
     """Logits of a candidate batch; amp: in a bf16-autocast forward."""
     with torch.autocast(cand.device.type, torch.bfloat16, enabled=amp):
@@ -211,7 +206,7 @@ def search_image(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor, ma
     Returns (best base-3 index, its fp32 score); ties go to the lowest index."""
     if search not in SEARCHES:
         raise ValueError(f"search {search!r} is not one of {SEARCHES}")
-    net = _net(model, compile and search == "exact")
+    net = compiled(model) if compile and search == "exact" else model
     kw = dict(score=score, select=select, chunk=chunk, channels_last=channels_last)
     if search == "screened":
         scores = screened_scores(model, x, dirs, mask, screen_k=screen_k, amp=amp, **kw)

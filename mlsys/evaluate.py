@@ -212,13 +212,11 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
         with torch.no_grad():
             clean.update(model(images), masks, bits)
         out = {}
-        if rc.enabled:  # the paper attack's curve over its steps, from its own forwards
-            along = StepStates(paper_points, [acfg.steps], False, lambda z: image_states(z, masks, bits, C, thr),
-                               masks)
-            adv = attack_from_params(model, images, acfg, acfg.target, along.on_step)
+        along = StepStates(paper_points, [acfg.steps], False, lambda z: image_states(z, masks, bits, C, thr),
+                           masks) if rc.enabled else None  # the paper attack's curve, from its own forwards
+        adv = attack_from_params(model, images, acfg, acfg.target, along.on_step if along else None)
+        if along:
             out["paper_curve"] = along.result(paper_points).sum(1).numpy()
-        else:
-            adv = attack_from_params(model, images, acfg, acfg.target)
         with torch.no_grad():
             logits = model(adv)
         attacked.update(logits, masks, bits)
