@@ -2,7 +2,7 @@
 
 Install torch FIRST, then this package WITHOUT build isolation (the Makefile does both):
     pip install torch==2.13.0
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation --use-pep517 -e .
 so the extension builds against the torch that is already installed instead of a
 freshly downloaded (CUDA, several GB) one. CUDA sources (csrc/*.cu) are compiled
 only when that torch has CUDA; TORCH_CUDA_ARCH_LIST selects the GPU architectures.

@@ -19,7 +19,7 @@ with fake kernels below, so they work under ``torch.compile(fullgraph=True)``.
 
 Which implementation serves the ops (see :func:`backend`), decided once at import:
   1. the built extension ``mlsys._C`` (``python setup.py build_ext --inplace`` or
-     ``pip install --no-build-isolation -e .``);
+     ``pip install --no-build-isolation --use-pep517 -e .``);
   2. else, in a repository checkout and unless ``MLSYS_JIT=0``, a JIT build of csrc/
      through ``torch.utils.cpp_extension.load`` (a minute on first use, then cached);
   3. else the references, with one warning.
