@@ -37,6 +37,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .hardware import use_bf16, use_channels_last
+
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # on_step(t, logits): logits (N, C, H, W) the attack computed on its image after t updates
 OnStep = Callable[[int, torch.Tensor], None]
@@ -137,11 +139,13 @@ def attack_from_params(model: torch.nn.Module, x: torch.Tensor, cfg, target_clas
                        on_step: OnStep | None = None) -> torch.Tensor:
     """Targeted attack toward full-area ``target_class`` with settings ``cfg`` (an
     AttackParams or Method1Params: mode, eps, alpha, steps, random start, and the fast
-    paths amp, channels_last, compile, through :func:`fast`)."""
-    net = fast(model, getattr(cfg, "channels_last", False), getattr(cfg, "compile", False))
+    paths amp, channels_last, compile, through :func:`fast`; "auto" ones resolved for x's
+    device by :mod:`mlsys.hardware`, bf16 never chosen on a CPU)."""
+    net = fast(model, use_channels_last(getattr(cfg, "channels_last", False), x.device), getattr(cfg, "compile", False))
     return pgd(net, x, full_area(x, target_class), mode=cfg.mode, eps=cfg.eps,
                alpha=getattr(cfg, "alpha", None), steps=cfg.steps, targeted=True,
-               random_start=getattr(cfg, "random_start", False), amp=getattr(cfg, "amp", False), on_step=on_step)
+               random_start=getattr(cfg, "random_start", False),
+               amp=use_bf16(getattr(cfg, "amp", False), x.device, cpu=False), on_step=on_step)
 
 
 # --------------------------------------------------------------------------- fast paths

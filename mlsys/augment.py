@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import ops
+from . import hardware, ops
 from .attacks import attack_from_params, compiled, eval_mode, input_grad
 
 if TYPE_CHECKING:  # the searches import with torch alone (GPU machines: no yaml, tqdm, mlflow, dvc)
@@ -232,7 +232,9 @@ def method_two(model: torch.nn.Module, x: torch.Tensor, masks: torch.Tensor, cfg
     forwards), so that with ``cfg.amp`` the candidates, and the fp32 winner among the
     bf16 short list, are those of the fp32 search.
     Returns (best images (N, 3, H, W), sign vectors (N, C) int8, scores (N,) float32,
-    base-3 indices (N,) int64)."""
+    base-3 indices (N,) int64). "auto" fast paths resolve for x's device
+    (:func:`mlsys.hardware.resolve`: the bf16 screen where bf16 is native, CPUs included)."""
+    cfg = hardware.resolve(cfg, x.device, bf16_on_cpu=True)
     dirs = class_directions(model, x, cfg.eps)
     out, idxs, scores = [], [], []
     with eval_mode(model):
@@ -259,6 +261,13 @@ def _model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def fast_paths(method: str, cfg, device: torch.device) -> Method1Params | Method2Params:
+    """``method``'s section of ``cfg`` (AugmentParams) with its "auto" fast paths resolved for
+    ``device``: a bf16 screen only for method two (its winner is decided in fp32), never
+    bf16 in method one's attack loop on a CPU (:func:`mlsys.hardware.resolve`)."""
+    return hardware.resolve(getattr(cfg, method), device, bf16_on_cpu=method == "method2")
+
+
 def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out: str | os.PathLike,
               cfg, device: torch.device, provenance: dict, progress: bool = True, shard: Shard | None = None,
               group: Group | None = None) -> dict[str, float] | None:
@@ -276,7 +285,7 @@ def build_set(method: str, model: torch.nn.Module, clean: str | os.PathLike, out
     from .distributed import ChunkStore, Shard, chunk_sizes, is_main, run_chunks, source_digest
 
     shard = Shard() if shard is None else shard
-    mcfg: Method1Params | Method2Params = getattr(cfg, method)
+    mcfg = fast_paths(method, cfg, device)  # what the fingerprint and the provenance record
     train = split_of(clean, "train")
     n = len(train)
     C = model.head.out_channels
@@ -339,7 +348,7 @@ def main(p, method: str, seed: int, argv: list[str], shard_spec: str | None = No
     MLflow run. ``shard_spec`` "i/n" computes one shard's chunks only; torchrun ranks
     (``distributed.nproc.augment``) share them; either way the merged file is the same bytes."""
     from .distributed import in_processes
-    from .train import pick_device
+    from .hardware import pick_device
 
     in_processes(p.distributed.nproc.augment, argv, pick_device(p.augment.device), p.distributed.timeout_s,
                  lambda group: _augment_stage(p, method, seed, shard_spec, group))
@@ -355,7 +364,8 @@ def _augment_stage(p, method: str, seed: int, shard_spec: str | None, group) -> 
     from .distributed import Shard, is_main
     from .metrics import predict
     from .params import section_dict, show_progress
-    from .train import load_weights, pick_device
+    from .hardware import pick_device
+    from .train import load_weights
 
     shard = Shard.parse(shard_spec) if shard_spec else Shard()
     main = is_main(group) and shard.count == 1  # the process that logs and writes
@@ -376,15 +386,21 @@ def _augment_stage(p, method: str, seed: int, shard_spec: str | None, group) -> 
         if main:
             tracking.log_dataset(paths.CLEAN, "source")
         provenance = {"producing_model": weights, "producing_model_md5": file_md5(weights),
-                      "seed": seed, "ops_backend": ops.build_id()}
-        stats = build_set(method, model, paths.CLEAN, out, p.augment, device, provenance, show_progress(),
-                          shard, group)
+                      "seed": seed, "ops_backend": ops.build_id(), "device": hardware.describe(device)}
+        resolved = fast_paths(method, p.augment, device)  # as build_set runs it
+        if main:
+            mlflow.log_params(hardware.resolved_params(f"augment.{method}", resolved))
+            mlflow.set_tag("mlsys.bf16", hardware.describe(device))
+        with tracking.timed("compute"):
+            stats = build_set(method, model, paths.CLEAN, out, p.augment, device, provenance, show_progress(),
+                              shard, group)
         if stats is None:
             if shard.count > 1:
                 print(f"{stage} shard {shard}: chunks in .{Path(out).name}.partial; run without --shard to merge")
             return
         mlflow.log_metrics(stats)
-        write_json(paths.augment_metrics(method, seed), stats)
+        write_json(paths.augment_metrics(method, seed),
+                   {**stats, "fast_paths": {"amp": resolved.amp, "channels_last": resolved.channels_last}})
         tracking.log_dataset(out, "output")
         clean, _ = head(paths.CLEAN, "train", 4)
         pert, masks = head(out, "train", 4)

@@ -44,9 +44,9 @@ from typing import Iterator
 import h5py
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .params import CLASS_NAMES, DataParams, InputError
+from .progress import bar as progress_bar
 
 N_CLASSES = len(CLASS_NAMES)
 SPLITS = ("train", "valid", "test")
@@ -394,7 +394,7 @@ def import_raw(chunks: Iterator[tuple[np.ndarray, np.ndarray]], types: np.ndarra
     counts = np.zeros(N_CLASSES, np.int64)
     # the split is cut after every value is checked, so a damaged file is reported as such
     with create_dataset(out, n, image_size, attrs, None) as w, \
-            tqdm(total=n, desc="prepare", unit="img", disable=not progress) as bar:
+            progress_bar(n, "prepare", "img", progress) as bar:
         w.write(0, tissue=np.asarray(types).astype(str).astype(object))
         start = 0
         for images, masks in chunks:
@@ -599,7 +599,8 @@ def main(p) -> None:
     out = paths.CLEAN
     with tracking.stage_run(paths.stage_name("prepare"), {f"data.{k}": v for k, v in section_dict(p.data).items()},
                             p.tracking.experiment, {"mlsys.stage": "prepare"}):
-        sizes = prepare(p.data, out, show_progress())
+        with tracking.timed("compute"):
+            sizes = prepare(p.data, out, show_progress())
         attrs = read_attrs(out)
         counts = np.array(json.loads(attrs["class_pixel_counts"]), dtype=float)
         mlflow.log_metrics({f"split/{k}": v for k, v in sizes.items()})

@@ -33,9 +33,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .data import atomic_path
+from .progress import bar as progress_bar
 
 
 # --------------------------------------------------------------------------- launching
@@ -227,8 +227,8 @@ def run_chunks(chunks: Iterable[tuple[int, object]], compute: Callable[[object],
     main = is_main(group)
     done = broadcast(store.done() if main else None, group)
     todo = ((j, x) for j, x in chunks if shard.owns(j) and j not in done)
-    with tqdm(total=sum(sizes[j] for j in range(len(sizes)) if shard.owns(j)), unit="img",
-              desc=desc if shard.count == 1 else f"{desc} shard {shard}", disable=not (progress and main)) as bar:
+    with progress_bar(sum(sizes[j] for j in range(len(sizes)) if shard.owns(j)),
+                      desc if shard.count == 1 else f"{desc} shard {shard}", "img", progress and main) as bar:
         bar.update(sum(sizes[j] for j in done if shard.owns(j)))
         if group is None:
             for j, x in todo:

@@ -5,12 +5,14 @@ themselves (both variants) are in :mod:`mlsys.metrics`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import hardware
 from .attacks import attack_from_params, eval_mode
 from .metrics import SegMetrics, paper_truth, predict
 
@@ -149,7 +151,8 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     from .attacks import fast, worst_case
 
     rc, C, thr = cfg.robust, model.head.out_channels, cfg.paper_threshold
-    model = fast(model, cfg.attack.channels_last, cfg.attack.compile)  # evaluate.attack's fast paths, as amp
+    acfg = hardware.resolve(cfg.attack, images.device, bf16_on_cpu=False)  # evaluate.attack's fast paths
+    model = fast(model, acfg.channels_last, acfg.compile)
     points = curve_points(rc.steps, rc.curve_every)
 
     def states(logits: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,7 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
         for attack in rc.attacks:
             g = torch.Generator().manual_seed(robust_seed(chunk, radius, attack))
             adv, curve = _attack_curve(model, images, masks, attack, radius / 255, rc.steps, points, states, g,
-                                       cfg.attack.amp)
+                                       acfg.amp)
             with torch.no_grad(), eval_mode(model):
                 finals.append(states(model(adv)))
             advs.append(adv)
@@ -326,7 +329,7 @@ def main(p, name: str, seed: int, argv: list[str], shard_spec: str | None = None
     in ``plots/eval/seed<seed>/<name>/`` and one MLflow run. ``shard_spec`` "i/n" computes
     one shard's chunks only; torchrun ranks (``distributed.nproc.evaluate``) share them."""
     from .distributed import in_processes
-    from .train import pick_device
+    from .hardware import pick_device
 
     in_processes(p.distributed.nproc.evaluate, argv, pick_device(p.train.device), p.distributed.timeout_s,
                  lambda group: _evaluate_stage(p, name, seed, shard_spec, group))
@@ -342,7 +345,8 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
     from .data import atomic_dir, file_md5, require, write_csv, write_json
     from .distributed import ChunkStore, Shard, is_main, source_digest
     from .params import section_dict, show_progress
-    from .train import load_weights, method_tag, pick_device
+    from .hardware import pick_device
+    from .train import load_weights, method_tag
 
     cfg, acfg = p.evaluate, p.evaluate.attack
     shard = Shard.parse(shard_spec) if shard_spec else Shard()
@@ -356,6 +360,9 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
     with run:  # a refused stage (missing input) ends its run FAILED, leaving no output behind
         require(weights, paths.stage_name("train", name, seed))
         device = group.device if group else pick_device(p.train.device)
+        # the attack's fast paths as this device runs them: what the fingerprint and results record
+        cfg = dataclasses.replace(cfg, attack=hardware.resolve(acfg, device, bf16_on_cpu=False))
+        acfg = cfg.attack
         model = load_weights(weights, p.model).to(device).eval()
         require(paths.CLEAN, "prepare")
         out = Path(paths.eval_metrics(name, seed))
@@ -364,8 +371,11 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
             "evaluate": section_dict(cfg), "device": device.type,
             "code": source_digest("evaluate", "attacks", "model")}) if is_main(group) else None
         if main:
+            mlflow.log_params(hardware.resolved_params("evaluate.attack", acfg))
+            mlflow.set_tag("mlsys.bf16", hardware.describe(device))
             tracking.log_dataset(paths.CLEAN, "evaluation")
-        done = evaluate_split(model, paths.CLEAN, "test", cfg, device, store, shard, group, show_progress())
+        with tracking.timed("compute"):
+            done = evaluate_split(model, paths.CLEAN, "test", cfg, device, store, shard, group, show_progress())
         if done is None:  # a shard: its chunks are in the store for the merging run
             if shard.count > 1:
                 print(f"{stage} shard {shard}: chunks in {store.folder}; run without --shard to merge")
@@ -373,7 +383,8 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
         clean, attacked, panel, robust = done
         res = {"clean": clean.result(), "attack": attacked.result(), "paper_truth": clean.paper_truth,
                "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
-                                   "target": acfg.target, "alpha": acfg.alpha}}
+                                   "target": acfg.target, "alpha": acfg.alpha,
+                                   "amp": acfg.amp, "channels_last": acfg.channels_last}}
         mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
         if robust is not None:
             res["robust"] = robust_results(robust)
@@ -392,7 +403,7 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
                 write_csv(figs / "paper_curve.csv", [
                     {"step": t, "dice": d, "accuracy": a} for t, d, a in
                     zip(*(res["robust"]["paper_curve"][k] for k in ("steps", "dice", "accuracy")))])
-        write_json(out, {**res, "mlflow_run_id": mlflow.active_run().info.run_id, "machine": tracking.machine()})
+        write_json(out, {**res, "mlflow_run_id": mlflow.active_run().info.run_id, "machine": hardware.machine()})
         store.remove()
         print(f"{stage}: clean accuracy {res['clean']['accuracy']:.4f} dice {res['clean']['dice']:.4f}"
               f" | attacked accuracy {res['attack']['accuracy']:.4f} dice {res['attack']['dice']:.4f}")

@@ -27,6 +27,10 @@ MODELS: dict[str, tuple[str, ...]] = {
 METHODS = ("method1", "method2")  # the two altered training sets, built with model 1
 
 
+AUTO = "auto"  # a fast-path switch chosen from what the device computes well (mlsys.hardware)
+Switch = typing.Union[bool, typing.Literal["auto"]]  # true, false or "auto"
+
+
 class InputError(Exception):
     """Bad input the user can fix (params, data, weights, a stale build): the CLI reports it
     as one line, ``mlsys <stage>: error: <message>``, exit status 2."""
@@ -85,8 +89,8 @@ class AttackParams:
     target: int = 0                # full-area target class (0 = background, as in the paper)
     random_start: bool = False     # standard: start from a uniform point in the eps-ball
     batch_size: int = 32           # images attacked at once
-    amp: bool = False              # bf16 autocast (CPU and CUDA): faster, but the gradients change
-    channels_last: bool = True     # channels-last inputs: the same attack, faster on this CPU and on GPUs
+    amp: Switch = False            # bf16 autocast: faster, but the gradients change; "auto": on CUDA with bf16 only
+    channels_last: Switch = AUTO   # channels-last inputs, the same attack: "auto" = on (faster on CPUs and GPUs)
     compile: bool = False          # torch.compile the U-Net of the attack (minutes of compiling first)
 
 
@@ -120,8 +124,8 @@ class Method1Params:
     steps: int = 10                # iterations per class pass (paper: 100)
     mode: str = "faithful"         # attack mode, as in AttackParams
     batch_size: int = 32           # images attacked at once (also the HDF5 chunk written)
-    amp: bool = False              # bf16 autocast of the attack (CPU and CUDA): faster, gradients change
-    channels_last: bool = True     # channels-last inputs: the same attack, faster on this CPU and on GPUs
+    amp: Switch = False            # bf16 autocast of the attack, as AttackParams.amp ("auto": CUDA with bf16 only)
+    channels_last: Switch = AUTO   # channels-last inputs, the same attack: "auto" = on (faster on CPUs and GPUs)
     compile: bool = False          # torch.compile the U-Net of the attack
 
 
@@ -134,9 +138,9 @@ class Method2Params:
     batch_size: int = 8            # images whose directions are computed at once
     search: str = "exact"          # "exact": score all 3^C candidates (paper); "screened": a local search
     screen_k: int = 8              # screened: candidates scored per round, the best of a separable guess
-    amp: bool = True               # bf16-autocast forwards screen (CPU and CUDA); fp32 rescoring decides
+    amp: Switch = AUTO             # bf16-autocast forwards screen, fp32 rescoring decides; "auto": where bf16 is native
     exact_top: int = 16            # amp: the best bf16-scored candidates rescored in fp32
-    channels_last: bool = True     # candidates in channels-last memory format (weights untouched)
+    channels_last: Switch = AUTO   # candidates in channels-last memory format (weights untouched); "auto" = on
     compile: bool = False          # torch.compile the U-Net forward of the search
 
 
@@ -293,6 +297,10 @@ def _coerce(key: str, value, hint):
             raise ParamsError(f"params: {key} = {value!r} is invalid; expected a list")
         (item,) = typing.get_args(hint)
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint == Switch:
+        if not isinstance(value, bool) and value != AUTO:
+            raise ParamsError(f"params: {key} = {value!r} is invalid; expected true, false or \"auto\"")
+        return value
     if hint is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"params: {key} = {value!r} is invalid; expected true or false")
@@ -344,12 +352,12 @@ PAPER: dict[str, object] = {
     "train.amp": True, "train.channels_last": True,      # bf16 and NHWC on CUDA (ignored on CPU)
     "evaluate.attack.mode": "faithful", "evaluate.attack.steps": 100,  # iterated FGSM, no projection
     "evaluate.attack.eps": 0.01, "evaluate.attack.target": 0,
-    "evaluate.attack.amp": True, "evaluate.attack.channels_last": True,  # bf16 NHWC attack loops
+    "evaluate.attack.amp": "auto", "evaluate.attack.channels_last": "auto",  # bf16 NHWC attack loops on CUDA
     "augment.method1.mode": "faithful", "augment.method1.steps": 100, "augment.method1.eps": 0.01,
-    "augment.method1.amp": True, "augment.method1.channels_last": True,  # (the field's protocol too)
+    "augment.method1.amp": "auto", "augment.method1.channels_last": "auto",  # (the field's protocol too)
     "augment.method2.eps": 0.01, "augment.method2.score": "l1", "augment.method2.select": "argmin",
     "augment.method2.search": "exact",                   # all 729 candidates (the paper's search)
-    "augment.method2.amp": True, "augment.method2.channels_last": True,  # bf16 screen, fp32 winner,
+    "augment.method2.amp": "auto", "augment.method2.channels_last": "auto",  # bf16 screen, fp32 winner,
     "augment.method2.compile": True,                     # compiled forwards (DESIGN.md: 0.25 -> 0.15 s)
     # beyond the paper: the field's protocol at its usual radii and steps (a GPU job)
     "evaluate.robust.radii": [0.25, 0.5, 1, 2, 4, 8], "evaluate.robust.steps": 100,

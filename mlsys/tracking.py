@@ -29,6 +29,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import mlflow  # noqa: E402
 
+from . import hardware  # noqa: E402
 from .data import file_md5  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -129,6 +130,28 @@ def _proc_stat(pid: int) -> tuple[int, str] | None:
     return int(fields[1]), fields[19]
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc: its start tick against the uptime),
+    None where that cannot be read."""
+    info = _proc_stat(os.getpid())
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(info[1]) / os.sysconf("SC_CLK_TCK")) if info else None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def timed(part: str) -> Iterator[None]:
+    """Log the wall time of the block as metric ``timing/<part>_s`` of the active run (where a
+    stage's time goes: ``timing/startup_s`` is logged by :func:`stage_run`; benchmarks/repro.py
+    adds them up over a whole `dvc repro`)."""
+    t0 = time.perf_counter()
+    yield
+    if mlflow.active_run() is not None:  # a shard or a rank other than 0 logs nothing
+        mlflow.log_metric(f"timing/{part}_s", time.perf_counter() - t0)
+
+
 def _is_dvc(pid: int) -> bool:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -169,30 +192,12 @@ def _parent_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) 
     return run.info.run_id
 
 
-def machine() -> str:
-    """The machine a result came from, in words: CPU model (and GPU when one is used), torch
-    version and thread count. CPU results are bit-identical only for the same CPU model and
-    thread count (README, "Reproducibility")."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
 def run_tags() -> dict[str, str]:
     """Tags of every run: git commit, DVC experiment, the tracking URI without
     credentials and the host (for `mlsys runs sweep`)."""
     return {**git_info(repo_root()), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
             "mlsys.tracking_uri": redact(tracking_uri()), "mlsys.host": socket.gethostname(),
-            "mlsys.machine": machine()}
+            "mlsys.machine": hardware.machine()}
 
 
 @contextlib.contextmanager
@@ -220,7 +225,10 @@ def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
                            tags={**common, **me, **(tags or {}), "dvc.stage": stage, "mlsys.kind": "stage"})
     signal.signal(signal.SIGTERM, on_term)
     try:
+        startup = process_age()  # interpreter, imports, MLflow set-up: before the stage's own work
         mlflow.log_params({k: str(v) for k, v in params.items()})
+        if startup is not None:
+            mlflow.log_metric("timing/startup_s", startup)
         yield run
         status = "FINISHED"
     except (KeyboardInterrupt, StageKilled):

@@ -25,13 +25,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # tqdm.write: lines that keep a terminal's bar intact
 
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from .data import atomic_path
 from .distributed import Group, all_sum, broadcast
+from .hardware import machine, pick_device
+from .progress import bar as progress_bar
 from .metrics import evaluate
 from .model import UNet, build_model
 from .params import METHODS, MODELS, InputError, ModelParams, TrainParams  # noqa: F401 - MODELS used here
@@ -46,21 +48,6 @@ class CheckpointError(InputError, ValueError):
 # model config keys added after weights files were first written, with the value every
 # older file holds (there was only the standard U-Net with He initialisation)
 LEGACY_MODEL_CONFIG = {"variant": "standard", "init": "he"}
-
-
-def pick_device(name: str) -> torch.device:
-    """"auto" (cuda if available), "cpu" or "cuda[:i]"; an unavailable GPU is a params error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        from .params import ParamsError
-
-        raise ParamsError(f"params: device {name!r} (train.device / augment.device) is not available "
-                          f"on this machine ({torch.cuda.device_count()} CUDA devices); "
-                          'expected "auto" or "cpu"')
-    return device
 
 
 def epochs_for(model_name: str, cfg: TrainParams) -> int:
@@ -245,9 +232,10 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
         order = torch.tensor(list(sampler))
         total, seen = 0.0, 0
         batches = range(0, len(order), per_rank)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                   disable=not (progress and main))
-        for b in bar:
+        # on a terminal a bar per epoch; in a log only the epoch's line below
+        bar = progress_bar(len(batches), f"epoch {epoch + 1}/{epochs}", "batch", progress and main, lines=False,
+                           leave=False)
+        for b in batches:
             idx = order[b:b + per_rank]
             x, y = images[idx].to(device, non_blocking=True), masks[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
@@ -257,7 +245,9 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
             opt.step()
             total += loss.item() * len(idx)  # a device sync per batch; negligible next to the step
             seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+            bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
+            bar.update(1)
+        bar.close()
         total, seen = all_sum(torch.tensor([total, seen], dtype=torch.float64), group).tolist()
         lo, hi = rank * len(valid[0]) // world, (rank + 1) * len(valid[0]) // world
         bits = valid[2][lo:hi] if len(valid) > 2 and valid[2] is not None else None  # the paper metric's truth
@@ -359,8 +349,9 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
 
         checkpoint = paths.checkpoint(name, seed)
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        history = train_model(model, train, valid, cfg, epochs, checkpoint, fingerprint, on_epoch,
-                              show_progress(), group)
+        with tracking.timed("compute"):
+            history = train_model(model, train, valid, cfg, epochs, checkpoint, fingerprint, on_epoch,
+                                  show_progress(), group)
         model.cpu().eval()
         save_weights(model, p.model, weights, {"model": name, "seed": seed, "sets": list(MODELS[name]),
                                                "epochs": epochs})
@@ -373,7 +364,7 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
         # the registry (report stage) finds this run's model by the md5 DVC records for the weights
         mlflow.set_tag("mlsys.weights_md5", file_md5(weights))
         write_json(paths.train_metrics(name, seed), {**summary, "mlflow_run_id": mlflow.active_run().info.run_id,
-                                                        "machine": tracking.machine()})
+                                                        "machine": machine()})
         write_csv(paths.train_plot(name, seed), history)
         mlflow.log_figure(figures.loss_curves({name: history}, f"{name} (seed {seed}): loss per epoch"),
                           "figures/loss_curves.png")

@@ -16,6 +16,7 @@ def test_dataset_digest_is_the_written_files_not_the_previous_lock(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    tracking.setup()  # this store and its experiment, not those an earlier test left set
     (tmp_path / "data").mkdir()
     old, new = b"a" * 64, b"b" * 64
     (tmp_path / "data/method2.h5").write_bytes(new)
