@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 from mlsys import augment, ops  # noqa: E402
+from mlsys.hardware import describe, resolve, use_bf16, use_channels_last  # noqa: E402
 from mlsys.attacks import attack_from_params  # noqa: E402
 from mlsys.model import build_model  # noqa: E402
 from mlsys.params import (AttackParams, Method1Params, Method2Params, ModelParams, TrainParams,  # noqa: E402
@@ -50,13 +51,14 @@ class Config:
     images: int = 18             # images per timed call (one training batch: train.batch_size)
     steps: int = 4               # attack steps timed (scaled to 100)
     chunk: int = 243             # method two: candidates per forward
-    # the attack loops (PGD step, method one, evaluation) and training (CUDA only, as train.*)
-    amp: bool = False            # bf16 autocast
-    channels_last: bool = True   # channels-last inputs
+    # the attack loops (PGD step, method one, evaluation) and training (CUDA only, as train.*);
+    # "auto" resolves as the stages resolve it (mlsys.hardware): no bf16 attack loops on a CPU
+    amp: bool | str = False      # bf16 autocast
+    channels_last: bool | str = "auto"  # channels-last inputs
     compile: bool = False        # torch.compile
-    # method two's search (augment.method2.*)
-    search_amp: bool = True      # bf16 screen, the fp32 winner among the best 16
-    search_channels_last: bool = True
+    # method two's search (augment.method2.*): "auto" = the bf16 screen where bf16 is native
+    search_amp: bool | str = "auto"  # bf16 screen, the fp32 winner among the best 16
+    search_channels_last: bool | str = "auto"
     search_compile: bool = False
 
 
@@ -73,8 +75,9 @@ CONFIGS = {
     "cpu-small": lambda: Config(size=32, base=8, images=8, steps=2),
     "default": _default,
     # the settings of params.PAPER (`mlsys paper`)
-    "paper": lambda: Config(size=256, base=64, variant="original", images=18, steps=4, amp=True, channels_last=True,
-                            compile=False, search_amp=True, search_channels_last=True, search_compile=True),
+    "paper": lambda: Config(size=256, base=64, variant="original", images=18, steps=4, amp="auto",
+                            channels_last="auto", compile=False, search_amp="auto", search_channels_last="auto",
+                            search_compile=True),
 }
 
 
@@ -102,9 +105,10 @@ def measure(cfg: Config, device: torch.device, repeat: int = 1) -> dict[str, flo
     mcfg = ModelParams(base=cfg.base, depth=cfg.depth, variant=cfg.variant)
     torch.manual_seed(0)
     model = build_model(mcfg).to(device).eval()
-    if cfg.channels_last and device.type == "cuda":
+    if use_channels_last(cfg.channels_last, device) and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    tcfg = TrainParams(epochs=1, batch_size=n, device=str(device), amp=cfg.amp, channels_last=cfg.channels_last)  # CUDA
+    tcfg = TrainParams(epochs=1, batch_size=n, device=str(device), amp=use_bf16(cfg.amp, device, cpu=False),
+                       channels_last=use_channels_last(cfg.channels_last, device))  # both: CUDA only
     valid = (x[:1].cpu(), y[:1].cpu())
 
     def train_epoch():
@@ -160,9 +164,13 @@ def main() -> int:
     device = torch.device(args.device)
     per = measure(cfg, device, args.repeat)
     rows = extrapolate(per, args.seeds)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    machine = describe(device) + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
+    m2 = resolve(Method2Params(amp=cfg.search_amp, channels_last=cfg.search_channels_last), device, bf16_on_cpu=True)
+    at = resolve(AttackParams(amp=cfg.amp, channels_last=cfg.channels_last), device, bf16_on_cpu=False)
     print(f"fold-2 pipeline extrapolated from {args.config} ({cfg.size}x{cfg.size}, base {cfg.base}, "
-          f"{cfg.variant} U-Net) on {machine}, torch {torch.__version__}, ops {ops.backend()}")
+          f"{cfg.variant} U-Net) on {machine}, torch {torch.__version__}, ops {ops.backend()}; "
+          f"attack loops {'bf16' if at.amp else 'fp32'}{' channels-last' if at.channels_last else ''}, "
+          f"method two {'bf16 screen' if m2.amp else 'fp32'}{' channels-last' if m2.channels_last else ''}")
     print(f"{'stage':40s} {'ms/image':>10s} {'images':>9s} {'minutes':>9s}")
     for r in rows:
         print(f"{r['stage']:40s} {r['ms_per_image']:10.2f} {r['images']:9d} {r['minutes']:9.2f}")
