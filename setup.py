@@ -5,7 +5,8 @@ Install torch FIRST, then this package WITHOUT build isolation (the Makefile doe
     pip install --no-build-isolation --use-pep517 -e .
 so the extension builds against the torch that is already installed instead of a
 freshly downloaded (CUDA, several GB) one. CUDA sources (csrc/*.cu) are compiled
-only when that torch has CUDA; TORCH_CUDA_ARCH_LIST selects the GPU architectures.
+only when that torch has CUDA, for mlsys._build.CUDA_ARCHS (A100, H100/H200, and PTX for
+newer GPUs) unless TORCH_CUDA_ARCH_LIST selects other architectures.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def native_extensions() -> tuple[list, dict]:
 
     MLSYS_NO_EXTENSION=1 skips it (mlsys.ops then JIT-compiles or uses the references);
     MLSYS_NO_CUDA=1 builds the CPU kernels only. The CUDA architectures come from
-    TORCH_CUDA_ARCH_LIST (torch's build helper reads it; default: the visible GPUs).
+    TORCH_CUDA_ARCH_LIST (torch's build helper reads it), default mlsys._build.CUDA_ARCHS
+    (torch's own default would be the visible GPUs only, or all of them without one).
     """
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp or os.environ.get("MLSYS_NO_EXTENSION") == "1":
@@ -32,13 +34,15 @@ def native_extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sys.path.insert(0, ROOT)
-    from mlsys._build import CUDA_DEFINE, CXX_FLAGS, LD_FLAGS, NVCC_FLAGS, digest_define
+    from mlsys._build import CUDA_ARCHS, CUDA_DEFINE, CXX_FLAGS, LD_FLAGS, NVCC_FLAGS, digest_define
 
     stamp = digest_define(os.path.join(ROOT, "csrc"))  # checked at load: a stale build is refused
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None \
         and os.environ.get("MLSYS_NO_CUDA") != "1"
     if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # torch reads an empty one as unset too
+            os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS
         ext = CUDAExtension("mlsys._C", cpp + cu,
                             extra_compile_args={"cxx": CXX_FLAGS + [CUDA_DEFINE, stamp],
                                                 "nvcc": NVCC_FLAGS + [CUDA_DEFINE, stamp]},

@@ -16,9 +16,10 @@
 #include "ops.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -94,7 +95,7 @@ at::Tensor candidates_cuda(const at::Tensor& x, const at::Tensor& dirs, int64_t 
   const c10::cuda::CUDAGuard guard(a.out.device());  // after the checks: x may be on the CPU
   const int64_t P = a.numel;
   if (count == 0 || P == 0) return a.out;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mlsys_candidates_cuda", [&] {
     const float* xp = a.x.data_ptr<float>();
     const float* dp = a.dirs.data_ptr<float>();
@@ -247,9 +248,11 @@ std::tuple<at::Tensor, at::Tensor> score_cuda(const at::Tensor& logits, const at
                                               c10::string_view mode, c10::string_view select) {
   ScoreArgs a = prepare_score(logits, mask, mode, select);
   const c10::cuda::CUDAGuard guard(a.logits.device());  // after the checks
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // enough blocks for ~4 waves over the SMs, each with at least one pixel per thread
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;  // of the guarded device (ATen/cuda/CUDAContext.h would pull the cuBLAS headers)
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        a.logits.device().index()));
   const int64_t max_splits = (a.pixels + kThreads - 1) / kThreads;
   const int64_t splits = std::max<int64_t>(1, std::min((4 * sms + a.n - 1) / a.n, max_splits));
   const auto f32 = logits.options().dtype(at::kFloat);
