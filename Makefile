@@ -39,8 +39,8 @@ test-fast: $(STAMP)
 
 # the CUDA build of csrc/ without a GPU: fetches 0.63 GB once into $$MLSYS_CUDA_CACHE (default
 # ~/.cache/mlsys/cuda-check), never into .venv; fails on a warning from csrc/ (.ci/run runs it)
-cuda-check:
-	$(PYTHON) benchmarks/cuda_check.py
+cuda-check: $(STAMP)
+	$(VENV)/bin/python benchmarks/cuda_check.py
 
 ui: $(STAMP)
 	$(VENV)/bin/python -m mlsys ui
