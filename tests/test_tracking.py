@@ -27,3 +27,27 @@ def test_dataset_digest_is_the_written_files_not_the_previous_lock(tmp_path, mon
     assert digest == hashlib.md5(new).hexdigest()
     logged = mlflow.get_run(run.info.run_id).inputs.dataset_inputs[0]
     assert {t.key: t.value for t in logged.tags}["dvc.md5"] == digest
+
+
+def test_stage_runs_log_their_start_up_and_timed_parts(tmp_path, monkeypatch):
+    """timing/startup_s (process start -> run open) and timing/compute_s (the timed block) land
+    in the stage's run, as benchmarks/repro.py reads them; outside a run nothing is logged."""
+    import time
+
+    import mlflow
+
+    from mlsys import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    with tracking.timed("compute"):  # no active run: must not start one
+        pass
+    assert mlflow.active_run() is None
+    with tracking.stage_run("train-model1@0", {}) as run:
+        with tracking.timed("compute"):
+            time.sleep(0.05)
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    age = tracking.process_age()
+    assert age is None or 0 < metrics["timing/startup_s"] <= age
+    assert 0.05 <= metrics["timing/compute_s"] < 5
