@@ -67,3 +67,26 @@ def test_screened_benchmark_validates_and_reports_every_search(tmp_path):
     assert set(rows) == {"exact fp32", "screened", "first-order*", "exact, bf16 screen"}
     assert rows["exact fp32"]["exact_share"] == 1.0 and rows["exact fp32"]["forwards"] == 729
     assert 13 <= rows["screened"]["forwards"] < 729 and rows["screened"]["images"] == 3
+
+
+@pytest.mark.slow
+def test_repro_benchmark_splits_every_stage_of_the_pipeline_run(pipeline, tmp_path):
+    """benchmarks/repro.py --no-run on the session's micro pipeline: every stage run is counted
+    in its group, with the start-up and compute each stage logged, and the parts add up."""
+    import micro
+
+    repo, _ = pipeline
+    out = tmp_path / "repro.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/repro.py"), "--no-run", "--repo", str(repo),
+                           "--json", str(out)], cwd=repo, env=micro.env_for(repo), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {s["stage"] for s in result["stages"]} == micro.stages(micro.PIPELINE_SEEDS)
+    groups = result["groups"]
+    assert groups["train-model1"]["stages"] == len(micro.PIPELINE_SEEDS) and groups["report"]["stages"] == 1
+    assert all(s["startup_s"] > 0 for s in result["stages"])
+    assert all(s["compute_s"] > 0 for s in result["stages"] if s["stage"] != "report")
+    for g in [*groups.values(), result["total"]]:
+        assert g["total_s"] == pytest.approx(g["startup_s"] + g["compute_s"] + g["tracking_s"])
+    assert "start-up" in proc.stdout and "all stages" in proc.stdout
