@@ -27,7 +27,9 @@ $(STAMP): requirements.txt constraints.txt setup.py $(wildcard csrc/*)
 	$(VENV)/bin/python -c "import mlsys.ops as o; print('mlsys ops backend:', o.backend())"
 	touch $@
 
+# `mlsys check` first: every stage's settings, so a typo fails here, not in the last stage
 repro: $(STAMP)
+	bin/mlsys check
 	dvc repro
 
 test: $(STAMP)

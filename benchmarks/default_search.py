@@ -1,7 +1,7 @@
 """Search for a CPU default configuration whose model 1 converges (issue 12 item 7).
 
 For each candidate (synthetic n_images, image_size, U-Net base/depth, epochs,
-batch size, lr schedule) it builds the synthetic data once (``mlsys.data.prepare``
+batch size, lr schedule) it builds the synthetic data once (``mlsys.prepare.prepare``
 into a temporary HDF5), trains model 1 per seed with ``mlsys.train.train_model``
 (``torch.manual_seed(seed)`` before ``build_model``, as the train stage does),
 keeps the state_dict of the epoch with the LOWEST VALIDATION LOSS (the
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from mlsys.data import load_split, prepare
+from mlsys.data import load_split
+from mlsys.prepare import prepare
 from mlsys.metrics import evaluate
 from mlsys.params import DataParams, ModelParams, TrainParams
 from mlsys.train import train_model

@@ -3,11 +3,11 @@
     python benchmarks/method2.py --config cpu-small      # 32x32, base 8, chunks of 243
     python benchmarks/method2.py --config paper          # 256x256, base 64, chunks of 243
 
-For one image x and its true mask, C = 6 class directions (mlsys.augment.class_directions,
+For one image x and its true mask, C = 6 class directions (mlsys.method2.class_directions,
 one batched backward) give the 3^6 = 729 candidates, which are run through the U-Net and
 scored (L1, argmin). Only this search is timed (the directions are shared by all ways):
   (a) per-candidate loop: one candidate per forward (the original code's approach);
-  (b)-(g) the stage's own search, mlsys.augment.search_image (native ops when built,
+  (b)-(g) the stage's own search, mlsys.method2.search_image (native ops when built,
       chunks of candidates per forward, one host sync per image) in fp32, with
       channels-last candidates, with the bf16-autocast screen (the best ``exact_top``
       rescored in fp32), and under torch.compile (see WAYS).
@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from mlsys import hardware, ops  # noqa: E402
-from mlsys.augment import class_directions, search_image  # noqa: E402
+from mlsys.method2 import class_directions, search_image  # noqa: E402
 from mlsys.model import UNet  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def search_loop(forward: Forward, x, dirs, mask) -> tuple[int, float]:
     return best, float(scores[best])
 
 
-# The library's search (mlsys.augment.search_image, the one the stage runs) in each of its
+# The library's search (mlsys.method2.search_image, the one the stage runs) in each of its
 # precision / layout / compile settings: label -> keyword arguments.
 WAYS = {
     "(b) fp32": {},

@@ -9,8 +9,8 @@ Timed, each after a warm-up call, on random images of the configuration's size a
 randomly initialised U-Net (cost does not depend on the weights):
   train step    mlsys.train.train_model, one epoch over `images` images (per image)
   PGD step      mlsys.attacks.attack_from_params, `steps` faithful targeted steps (per image and step)
-  method one    mlsys.augment.method_one, C classes x `steps` steps (per image, scaled to 100 steps)
-  method two    mlsys.augment.method_two, C backward + 3^C forward passes (per image)
+  method one    mlsys.method1.method_one, C classes x `steps` steps (per image, scaled to 100 steps)
+  method two    mlsys.method2.method_two, C backward + 3^C forward passes (per image)
   screened      (beyond the paper, not in the total) method two with search "screened", screen_k 8
   evaluation    mlsys.attacks.attack_from_params, the 100-step evaluation attack (scaled) + one forward
 Fold 2 (DESIGN.md): 1682 training, 280 validation and 561 test images, 60 epochs, 100 attack
@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
-from mlsys import augment, ops  # noqa: E402
+from mlsys import method1, method2, ops  # noqa: E402
 from mlsys.hardware import describe, resolve, use_bf16, use_channels_last  # noqa: E402
 from mlsys.attacks import attack_from_params  # noqa: E402
 from mlsys.model import build_model  # noqa: E402
@@ -123,10 +123,10 @@ def measure(cfg: Config, device: torch.device, repeat: int = 1) -> dict[str, flo
     per["train step"] = timed(train_epoch, device, repeat) / n
     model.eval()
     per["PGD step"] = timed(lambda: attack_from_params(model, x, acfg, 0), device, repeat) / (n * cfg.steps)
-    per["method one"] = timed(lambda: augment.method_one(model, x, m1), device, repeat) / n * FOLD2["steps"] / cfg.steps
-    per["method two"] = timed(lambda: augment.method_two(model, x, y, m2), device, repeat) / n
+    per["method one"] = timed(lambda: method1.method_one(model, x, m1), device, repeat) / n * FOLD2["steps"] / cfg.steps
+    per["method two"] = timed(lambda: method2.method_two(model, x, y, m2), device, repeat) / n
     screened = replace(m2, search="screened", screen_k=8)
-    per["method two, screened"] = timed(lambda: augment.method_two(model, x, y, screened), device, repeat) / n
+    per["method two, screened"] = timed(lambda: method2.method_two(model, x, y, screened), device, repeat) / n
     with torch.no_grad():
         forward = timed(lambda: model(x), device, repeat) / n
     per["evaluation"] = timed(lambda: attack_from_params(model, x, acfg, 0), device, repeat) / n \

@@ -10,7 +10,7 @@ split of --data, the images method two augments; without, the default synthetic 
 built the way `mlsys prepare` builds it in a temporary folder and one U-Net is trained
 with the default training settings (mlsys.train.train_model). For each model and image:
   exact          all 3^C candidates scored in fp32 (the paper's search; the reference);
-  screened       the library's local search (mlsys.augment.screened_scores) for each
+  screened       the library's local search (mlsys.method2.screened_scores) for each
                  screen_k of --ks: one-sign neighbours of a centre, a separable guess of
                  every candidate's logits, the best-guessed scored, the best scored the
                  next centre;
@@ -19,7 +19,7 @@ with the default training settings (mlsys.train.train_model). For each model and
   amp            all candidates scored in bf16 autocast, the fp32 winner among the best
                  exact_top of them (the `amp` fast path of the exact search).
 Accuracy is read from each image's exact table; the timed searches are the library's
-own (mlsys.augment.search_image), checked against that table first (validate, then time).
+own (mlsys.method2.search_image), checked against that table first (validate, then time).
 Cost is counted in forward passes (a backward counts as two) and timed per image
 (perf_counter, the fastest of three runs; CPU threads as set). Imports neither mlflow nor dvc.
 """
@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from mlsys import augment, data, ops  # noqa: E402
-from mlsys.augment import class_directions, screened_scores, search_image  # noqa: E402
+from mlsys import data, method2, ops, prepare  # noqa: E402
+from mlsys.method2 import class_directions, screened_scores, search_image  # noqa: E402
 from mlsys.model import build_model  # noqa: E402
 from mlsys.params import DataParams, ModelParams, TrainParams, load_params  # noqa: E402
-from mlsys.train import load_weights, train_model  # noqa: E402
+from mlsys.train import train_model  # noqa: E402
+from mlsys.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def trained_model(epochs: int, seed: int):
     """(model in eval mode, training images, masks) on the default synthetic data."""
     with tempfile.TemporaryDirectory() as tmp:
-        data.prepare(DataParams(), Path(tmp) / "clean.h5", progress=False)
+        prepare.prepare(DataParams(), Path(tmp) / "clean.h5", progress=False)
         train = data.load_split(Path(tmp) / "clean.h5", "train")
         valid = data.load_split(Path(tmp) / "clean.h5", "valid")
     torch.manual_seed(seed)
@@ -87,9 +88,9 @@ def measure(model, x, y, ks: list[int], exact_tops: list[int], eps: float, time_
     C = dirs.shape[1]
     total = 3**C
     with torch.no_grad():
-        exact = torch.stack([augment._scores(model, x[i], dirs[i], y[i], None, "l1", "argmin", 243, False, False)
+        exact = torch.stack([method2._scores(model, x[i], dirs[i], y[i], None, "l1", "argmin", 243, False, False)
                              for i in range(len(x))])
-        bf16 = torch.stack([augment._scores(model, x[i], dirs[i], y[i], None, "l1", "argmin", 243, True, False)
+        bf16 = torch.stack([method2._scores(model, x[i], dirs[i], y[i], None, "l1", "argmin", 243, True, False)
                             for i in range(len(x))])
     first = torch.stack([first_order_scores(model, x[i], dirs[i], y[i]) for i in range(len(x))])
     best = exact.min(1).values

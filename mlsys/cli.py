@@ -1,47 +1,47 @@
-"""``python -m mlsys <command>``: parses arguments, calls the stage's ``main`` in its job
-module (prepare: data.py, train: train.py, augment: augment.py, evaluate: evaluate.py,
-report: report.py) and turns errors into one line and an exit code.
+"""``python -m mlsys <command>`` (``bin/mlsys``): the user's command line. The pipeline's
+stages each run their own module (``python -m mlsys.train ...``, as dvc.yaml does); their
+commands here only pass arguments to those modules' ``main``. The rest: the paper preset,
+the MLflow UI and server, run maintenance, and ``check`` of the whole parameter file.
 
-Bad input ends with one line on stderr and exit status 2; ``--debug`` (or MLSYS_DEBUG=1)
-shows the traceback. SIGTERM ends a stage with status 143 and Ctrl-C with 130, its MLflow
-run KILLED.
+Bad input ends with one line on stderr and exit status 2 (mlsys.entry); ``--debug`` (or
+MLSYS_DEBUG=1) shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
+
+from . import entry
 
 # --------------------------------------------------------------------------- stages
 # Each stage's code is in its job module, read top to bottom there; these only pass arguments.
-def _seed(args, p) -> int:
-    return p.seeds[0] if args.seed is None else args.seed
-
-
 def cmd_prepare(args, p) -> None:
-    from . import data
+    from . import prepare
 
-    data.main(p)
+    prepare.main(p)
 
 
 def cmd_train(args, p) -> None:
     from . import train
 
-    train.main(p, args.model, _seed(args, p), args.argv)
+    train.main(p, args.model, entry.seed_of(args, p), args.relaunch)
 
 
 def cmd_augment(args, p) -> None:
+    import importlib
+
     from . import augment
 
-    augment.main(p, args.method, _seed(args, p), args.argv, args.shard)
+    method = importlib.import_module(f"mlsys.{args.method}").METHOD
+    augment.main(p, method, entry.seed_of(args, p), args.relaunch, args.shard)
 
 
 def cmd_evaluate(args, p) -> None:
     from . import evaluate
 
-    evaluate.main(p, args.model, _seed(args, p), args.argv, args.shard)
+    evaluate.main(p, args.model, entry.seed_of(args, p), args.relaunch, args.shard)
 
 
 def cmd_report(args, p) -> None:
@@ -56,13 +56,30 @@ def cmd_compare(args, p) -> None:
     print(report.compare(p, args.parent))
 
 
+def cmd_check(args, p) -> None:
+    """Every setting of the parameter file, as each stage will check its own when it runs
+    (the attack names, method two's choices, the model's variant), so that a typo ends
+    ``make repro`` before the first stage rather than in the evaluate stage."""
+    import dataclasses
+
+    from . import attacks, method2, model, robust
+
+    model.build_model(dataclasses.replace(p.model, base=1, depth=1))  # a tiny one: only its checks matter
+    attacks.check_mode(p.evaluate.attack.mode, "evaluate.attack.mode")
+    attacks.check_mode(p.augment.method1.mode, "augment.method1.mode")
+    method2.check(p.augment.method2)
+    if p.evaluate.robust.enabled:
+        robust.check(p.evaluate.robust)
+    print(f"{args.params}: ok")
+
+
 def cmd_paper(args, p) -> None:
-    """`dvc exp run` of the paper's configuration (params.PAPER) on your PanNuke fold."""
+    """`dvc exp run` of the paper's configuration (presets.PAPER) on your PanNuke fold."""
     import json
     import shlex
 
     from .data import DataError
-    from .params import PAPER
+    from .presets import PAPER
 
     if not Path(args.pannuke).exists():
         raise DataError(f"{args.pannuke} does not exist; expected your PanNuke fold zip (e.g. fold_2.zip) "
@@ -126,14 +143,10 @@ def cmd_runs(args, p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .params import METHODS, MODELS
 
-    ap = argparse.ArgumentParser(prog="mlsys", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    ap = entry.parser("mlsys", "mlsys: robust U-Net segmentation of histology (DVC stages, MLflow runs).")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="build data/clean.h5 (synthetic default or your PanNuke fold)")
-    seed_help = "training seed (default: the first of `seeds` in params.yaml)"
-    shard_help = ("compute only shard i of n (chunks j with j mod n == i) and keep them for the merge: "
-                  "a later run without --shard merges every shard into the same output as one process")
+    seed_help, shard_help = entry.SEED_HELP, entry.SHARD_HELP
     s = sub.add_parser("train", help="train one of the four models")
     s.add_argument("model", choices=list(MODELS))
     s.add_argument("--seed", type=int, help=seed_help)
@@ -146,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help=seed_help)
     s.add_argument("--shard", metavar="I/N", help=shard_help)
     sub.add_parser("report", help="write Tables 1 and 2 and the figures to reports/")
+    sub.add_parser("check", help="check every setting of the parameter file, as the stages will")
     s = sub.add_parser("compare", help="print Tables 1 and 2 from the MLflow runs")
     s.add_argument("--parent", help="pipeline parent run id (default: the latest pipeline)")
     s = sub.add_parser("paper", help="run the paper's experiment (the authors' settings) on your PanNuke fold "
@@ -175,41 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "augment": cmd_augment, "evaluate": cmd_evaluate,
-            "report": cmd_report, "compare": cmd_compare, "paper": cmd_paper, "ui": cmd_ui, "server": cmd_server,
+            "report": cmd_report, "check": cmd_check, "compare": cmd_compare, "paper": cmd_paper, "ui": cmd_ui, "server": cmd_server,
             "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun re-runs (distributed.launch)
-    debug = args.debug or os.environ.get("MLSYS_DEBUG") == "1"
-    from .params import InputError, load_params
+    args.relaunch = ["-m", "mlsys", *(sys.argv[1:] if argv is None else argv)]  # what torchrun re-runs
+    from .params import load_params
 
-    try:
-        p = load_params(args.params)
-        COMMANDS[args.command](args, p)
-    except (InputError, ConnectionError) as err:
-        if debug:
-            traceback.print_exc()
-        print(f"mlsys {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: the stage's run is already ended KILLED
-        print(f"mlsys {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as err:
-        dist = sys.modules.get("torch.distributed")
-        if dist is None or not isinstance(err, dist.DistError):
-            raise
-        if debug:
-            traceback.print_exc()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"mlsys {args.command}: error: another process of this torchrun job failed or is unreachable "
-              f"({first[:200]})", file=sys.stderr)
-        return 1
-    except BaseException as err:
-        tracking = sys.modules.get("mlsys.tracking")
-        if tracking is None or not isinstance(err, tracking.StageKilled):
-            raise
-        print(f"mlsys {args.command}: {err}; stopped", file=sys.stderr)  # SIGTERM, run ended KILLED
-        return 143
-    return 0
+    return entry.guarded(f"mlsys {args.command}", args.debug,
+                         lambda: COMMANDS[args.command](args, load_params(args.params)))

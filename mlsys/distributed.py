@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import itertools
 import json
 import os
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import atomic_path
+from .files import atomic_path
 from .progress import bar as progress_bar
 
 
@@ -45,14 +44,15 @@ def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def launch(nproc: int, argv: list[str]) -> None:
-    """Re-run this command under ``torchrun --standalone --nproc-per-node nproc`` (this
-    process is replaced) when ``nproc`` > 1 and it is not already a torchrun worker.
+def launch(nproc: int, relaunch: list[str]) -> None:
+    """Re-run this command (the interpreter arguments ``relaunch``, ``-m <module> ...``) under
+    ``torchrun --standalone --nproc-per-node nproc`` (this process is replaced) when
+    ``nproc`` > 1 and it is not already a torchrun worker.
     Several machines: start torchrun yourself (README, "Many GPUs and machines")."""
     if nproc <= 1 or under_torchrun():
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--max-restarts=0", "-m", "mlsys", *argv]
+           "--max-restarts=0", *relaunch]
     print(f"mlsys: {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
@@ -140,15 +140,6 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
-
-
-def source_digest(*modules: str) -> str:
-    """sha256 of mlsys modules' source files (e.g. "augment", "attacks"): part of a chunk
-    fingerprint, so chunks computed by other code are never merged with new ones."""
-    h = hashlib.sha256()
-    for name in modules:
-        h.update((Path(__file__).parent / f"{name}.py").read_bytes())
-    return h.hexdigest()
 
 
 class ChunkStore:
@@ -246,11 +237,11 @@ def run_chunks(chunks: Iterable[tuple[int, object]], compute: Callable[[object],
     return done if main else set()
 
 
-def in_processes(nproc: int, argv: list[str], device: torch.device, timeout_s: float,
+def in_processes(nproc: int, relaunch: list[str], device: torch.device, timeout_s: float,
                  work: Callable[["Group | None"], None]) -> None:
     """Run ``work(group)`` in this process, or, for ``nproc`` > 1, in each of the ``nproc``
-    processes of a torchrun job that replaces this one (``argv``: this command's arguments,
-    re-run under torchrun); ``group`` is None in a single process."""
-    launch(nproc, argv)
+    processes of a torchrun job that replaces this one (``relaunch``: the interpreter arguments
+    of this command, re-run under torchrun); ``group`` is None in a single process."""
+    launch(nproc, relaunch)
     with process_group(device, timeout_s) as group:
         work(group)

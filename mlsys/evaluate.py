@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import hardware
-from .attacks import attack_from_params, eval_mode
+from . import entry, hardware
+from .attacks import attack_from_params, check_mode, fast
 from .metrics import SegMetrics, paper_truth, predict
+from .model import eval_mode
+from .params import MODELS
+from .results import json_clean, radius_key
+from .robust import SEA_LOSSES, SEA_SCHEDULE, _stages, untargeted, worst_case
+from .robust import check as check_attacks
 
 
 # --------------------------------------------------------------------------- the field's protocol
-# (DESIGN.md, "Robustness evaluation as the field does it today"; settings: evaluate.robust)
+# (docs/robustness.md; settings: evaluate.robust)
 def predicted_class(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the classes of logits (N, C, H, W) -> (N, H, W), the first of equals, as
     ``argmax(1)``; which on the CPU is far slower (torch 2.13, 2 threads, (32, 6, 32, 32):
@@ -123,8 +129,6 @@ def worst_of(states: torch.Tensor) -> torch.Tensor:
 def _attack_curve(model, images, masks, attack: str, eps: float, steps: int, points: list[int], states,
                   generator: torch.Generator, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Run one of the field's attacks: (adversarial batch, per-image states (P, N, S) at points)."""
-    from .attacks import SEA_LOSSES, SEA_SCHEDULE, _stages, untargeted
-
     if attack == "sea":  # one run per loss; the point at t: per image the worst of the three
         stages = [n for n, _ in _stages(steps, SEA_SCHEDULE)]
         runs = {name: StepStates(points, stages, True, states, masks, valid_from=sum(stages[:-1]))
@@ -148,8 +152,6 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     ``curve_points`` (the last row: per image the worst of the attacks at each point; NaN
     where an attack has no point inside the eps-ball, see ``StepStates``),
     "robust_tissue_clean" (T, S), "robust_tissue_worst" (R, T, S)."""
-    from .attacks import fast, worst_case
-
     rc, C, thr = cfg.robust, model.head.out_channels, cfg.paper_threshold
     acfg = hardware.resolve(cfg.attack, images.device, bf16_on_cpu=False)  # evaluate.attack's fast paths
     model = fast(model, acfg.channels_last, acfg.compile)
@@ -282,22 +284,6 @@ def robust_merge(summed: dict[str, np.ndarray], cfg, tissues: list[str], n_class
             "paper_curve": [m(v) for v in summed["paper_curve"]]}
 
 
-def radius_key(radius: float) -> str:
-    """A radius on the 0..255 scale as a JSON key and in metric names: 8.0 -> "8", 0.25 -> "0.25"."""
-    return f"{radius:g}"
-
-
-def json_clean(obj):
-    """NaN and infinities -> None, recursively (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def robust_results(robust: dict) -> dict:
     """:func:`robust_merge`'s SegMetrics as the "robust" section of the evaluation JSON:
     {"radii", "attacks", "worst": {radius: metrics}, "per_attack": {attack: {radius: metrics}},
@@ -323,7 +309,7 @@ def robust_results(robust: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the evaluate stage
-def main(p, name: str, seed: int, argv: list[str], shard_spec: str | None = None) -> None:
+def main(p, name: str, seed: int, relaunch: list[str], shard_spec: str | None = None) -> None:
     """DVC stage ``evaluate-<name>@<seed>``: the test split, clean and under the evaluation
     attack (``evaluate`` params), into ``metrics/eval/seed<seed>/<name>.json``, the figures
     in ``plots/eval/seed<seed>/<name>/`` and one MLflow run. ``shard_spec`` "i/n" computes
@@ -331,7 +317,7 @@ def main(p, name: str, seed: int, argv: list[str], shard_spec: str | None = None
     from .distributed import in_processes
     from .hardware import pick_device
 
-    in_processes(p.distributed.nproc.evaluate, argv, pick_device(p.train.device), p.distributed.timeout_s,
+    in_processes(p.distributed.nproc.evaluate, relaunch, pick_device(p.evaluate.device), p.distributed.timeout_s,
                  lambda group: _evaluate_stage(p, name, seed, shard_spec, group))
 
 
@@ -341,12 +327,12 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
 
     import mlflow
 
-    from . import figures, paths, tracking
-    from .data import atomic_dir, file_md5, require, write_csv, write_json
-    from .distributed import ChunkStore, Shard, is_main, source_digest
-    from .params import section_dict, show_progress
+    from . import closure, figures, paths, tracking
+    from .distributed import ChunkStore, Shard, is_main
+    from .files import atomic_dir, file_md5, require, write_csv, write_json
     from .hardware import pick_device
-    from .train import load_weights, method_tag
+    from .params import method_tag, section_dict, show_progress
+    from .weights import load_weights
 
     cfg, acfg = p.evaluate, p.evaluate.attack
     shard = Shard.parse(shard_spec) if shard_spec else Shard()
@@ -358,8 +344,11 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
                               "mlsys.attack_mode": acfg.mode, "mlsys.seed": str(seed)}) \
         if main else contextlib.nullcontext()
     with run:  # a refused stage (missing input) ends its run FAILED, leaving no output behind
+        check_mode(acfg.mode, "evaluate.attack.mode")
+        if cfg.robust.enabled:
+            check_attacks(cfg.robust)
         require(weights, paths.stage_name("train", name, seed))
-        device = group.device if group else pick_device(p.train.device)
+        device = group.device if group else pick_device(cfg.device)
         # the attack's fast paths as this device runs them: what the fingerprint and results record
         cfg = dataclasses.replace(cfg, attack=hardware.resolve(acfg, device, bf16_on_cpu=False))
         acfg = cfg.attack
@@ -369,7 +358,7 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
         store = ChunkStore(out.with_name(f".{out.name}.partial"), {  # finished chunks: resume and merge
             "weights_md5": file_md5(weights), "clean_md5": file_md5(paths.CLEAN),
             "evaluate": section_dict(cfg), "device": device.type,
-            "code": source_digest("evaluate", "attacks", "model")}) if is_main(group) else None
+            "code": closure.digest("mlsys.evaluate")}) if is_main(group) else None
         if main:
             mlflow.log_params(hardware.resolved_params("evaluate.attack", acfg))
             mlflow.set_tag("mlsys.bf16", hardware.describe(device))
@@ -457,3 +446,18 @@ def robust_curve_rows(section: dict) -> list[dict]:
     return [{"attack": a, "radius": float(r), "step": t, "dice": nan(d), "accuracy": nan(acc)}
             for a, per_r in section["curves"].items() for r, c in per_r.items()
             for t, d, acc in zip(c["steps"], c["dice"], c["accuracy"])]
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m mlsys.evaluate <model> [--seed S] [--shard I/N]``: the stage as DVC runs it."""
+    ap = entry.parser("python -m mlsys.evaluate",
+                      "Evaluate one model on the test split, clean and under attack (DVC stage evaluate-<model>@<seed>).")
+    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("--seed", type=int, help=entry.SEED_HELP)
+    ap.add_argument("--shard", metavar="I/N", help=entry.SHARD_HELP)
+    return entry.main("mlsys evaluate", "mlsys.evaluate", ap,
+                      lambda a, p: main(p, a.model, entry.seed_of(a, p), a.relaunch, a.shard), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -135,7 +135,7 @@ def save(fig, path) -> None:
     it, so a killed stage never leaves a half-written image."""
     from pathlib import Path
 
-    from .data import atomic_path
+    from .files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:] or "png")

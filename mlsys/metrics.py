@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attacks import eval_mode
 from .data import N_CLASSES, unpack_channels
+from .model import eval_mode
 from .params import CLASS_NAMES
 
 

@@ -26,8 +26,12 @@ nothing); ``"he"`` is Kaiming-normal weights (ReLU gain), zero biases.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+
+from .params import ParamsError
 
 VARIANTS = ("original", "standard")
 INITS = ("glorot", "he")
@@ -136,6 +140,21 @@ class UNet(nn.Module):
 
 
 def build_model(cfg) -> UNet:
-    """The U-Net described by a :class:`mlsys.params.ModelParams`."""
+    """The U-Net described by a :class:`mlsys.params.ModelParams` (a one-line error names a
+    variant or init it does not know)."""
+    for key, value, known in (("variant", cfg.variant, VARIANTS), ("init", cfg.init, INITS)):
+        if value not in known:
+            raise ParamsError(f"params: model.{key} = {value!r} is invalid; expected one of {list(known)}")
     return UNet(in_channels=3, n_classes=cfg.n_classes, base=cfg.base, depth=cfg.depth,
                 dropout=cfg.dropout, variant=cfg.variant, init=cfg.init)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Evaluate the model (dropout off) during an attack; restore its mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -73,6 +73,9 @@ def candidates_at(x: torch.Tensor, dirs: torch.Tensor, index: torch.Tensor, lo: 
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
+SCORES = ("l1", "ce")  # the score modes of score / score_ref (augment.method2.score)
+
+
 def score_ref(logits: torch.Tensor, mask: torch.Tensor, mode: str = "l1",
               select: str = "argmin") -> tuple[torch.Tensor, torch.Tensor]:
     """logits: (N, C, H, W); mask: (H, W) int64 class ids in [0, C).
@@ -86,7 +89,7 @@ def score_ref(logits: torch.Tensor, mask: torch.Tensor, mode: str = "l1",
         target = mask.long()[None].expand(logits.shape[0], -1, -1)
         scores = torch.nn.functional.cross_entropy(logits, target, reduction="none").mean(dim=(1, 2))
     else:
-        raise ValueError(f"score mode {mode!r} is not 'l1' or 'ce'")
+        raise ValueError(f"score mode {mode!r} is not one of {SCORES}")
     if select == "argmin":
         best = scores.argmin()
     elif select == "argmax":

@@ -27,6 +27,12 @@ MODELS: dict[str, tuple[str, ...]] = {
 METHODS = ("method1", "method2")  # the two altered training sets, built with model 1
 
 
+def method_tag(model: str) -> str:
+    """Which augmentation methods a model's training sets come from ("clean" for model 1),
+    so that filtering runs by ``tags.`mlsys.method``` finds a method's set and its models."""
+    return "+".join(s for s in MODELS[model] if s != "clean") or "clean"
+
+
 AUTO = "auto"  # a fast-path switch chosen from what the device computes well (mlsys.hardware)
 Switch = typing.Union[bool, typing.Literal["auto"]]  # true, false or "auto"
 
@@ -96,13 +102,12 @@ class AttackParams:
 
 @dataclass
 class RobustParams:
-    """The field's robustness protocol (DESIGN.md, "Robustness evaluation as the field does it
-    today"), run beside the paper's attack: per image the worst of ``attacks`` at each radius.
+    """The field's robustness protocol (docs/robustness.md), run beside the paper's attack: per image the worst of ``attacks`` at each radius.
     The default fits the CPU default (at most doubles the evaluate stage on 2 cores); paper
     scale: radii [0.25, 0.5, 1, 2, 4, 8], steps 100-300 (SEA: 300 per loss), ~17-52 GPU-minutes
     per model and seed (the estimate is in params.yaml)."""
     enabled: bool = True           # run the protocol in the evaluate stage
-    attacks: list[str] = field(default_factory=lambda: ["segpgd", "cospgd", "sea"])  # of attacks.FIELD_ATTACKS
+    attacks: list[str] = field(default_factory=lambda: ["segpgd", "cospgd", "sea"])  # of mlsys.robust.ATTACKS
     radii: list[float] = field(default_factory=lambda: [1.0, 4.0, 8.0])  # L-inf radii on the 0..255 scale (eps = r/255)
     steps: int = 4                 # iterations of each attack (SEA: per loss); the field runs 100-300
     curve_every: int = 1           # metrics every k steps along each attack (curves over the iterations)
@@ -110,6 +115,7 @@ class RobustParams:
 
 @dataclass
 class EvaluateParams:
+    device: str = "auto"           # "auto" (cuda if available), "cpu" or "cuda[:i]"
     batch_size: int = 32           # images per forward pass
     paper_threshold: float = 0.1   # "paper" Dice/Jaccard: softmax threshold per channel (original code)
     n_panel: int = 4               # test images shown in the prediction panels
@@ -198,8 +204,6 @@ class Params:
         _check(m.base >= 1, "model.base", m.base, ">= 1")
         _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "in [0, 1)")
         _check(2 <= m.n_classes <= 6, "model.n_classes", m.n_classes, "2..6")
-        _check(m.variant in ("original", "standard"), "model.variant", m.variant, '"original" or "standard"')
-        _check(m.init in ("glorot", "he"), "model.init", m.init, '"glorot" or "he"')
         _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
         _check(t.lr > 0, "train.lr", t.lr, "> 0")
@@ -207,13 +211,13 @@ class Params:
         _check(t.lr_decay >= 0, "train.lr_decay", t.lr_decay, ">= 0")
         _check(t.schedule in ("keras", "step"), "train.schedule", t.schedule, '"keras" or "step"')
         _check(t.keep in ("best", "last"), "train.keep", t.keep, '"best" or "last"')
-        for key, dev in (("train.device", t.device), ("augment.device", self.augment.device)):
+        for key, dev in (("train.device", t.device), ("augment.device", self.augment.device),
+                         ("evaluate.device", self.evaluate.device)):
             _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev) is not None, key, dev,
                    '"auto", "cpu", "cuda" or "cuda:<index>"')
         _check(0 < t.model4_epoch_fraction <= 1, "train.model4_epoch_fraction",
                t.model4_epoch_fraction, "in (0, 1]")
         for name, a in (("evaluate.attack", self.evaluate.attack), ("augment.method1", self.augment.method1)):
-            _check(a.mode in ("faithful", "standard"), f"{name}.mode", a.mode, '"faithful" or "standard"')
             _check(a.eps >= 0, f"{name}.eps", a.eps, ">= 0")
             _check(a.alpha >= 0, f"{name}.alpha", a.alpha, ">= 0")
             _check(a.steps >= 1, f"{name}.steps", a.steps, ">= 1")
@@ -222,13 +226,8 @@ class Params:
                self.evaluate.attack.target, f"a class id in 0..{m.n_classes - 1}")
         m2 = self.augment.method2
         _check(m2.eps >= 0, "augment.method2.eps", m2.eps, ">= 0")
-        _check(m2.score in ("l1", "ce"), "augment.method2.score", m2.score, '"l1" or "ce"')
-        _check(m2.select in ("argmin", "argmax"), "augment.method2.select", m2.select,
-               '"argmin" or "argmax"')
         _check(m2.chunk >= 1, "augment.method2.chunk", m2.chunk, ">= 1")
         _check(m2.batch_size >= 1, "augment.method2.batch_size", m2.batch_size, ">= 1")
-        _check(m2.search in ("exact", "screened"), "augment.method2.search", m2.search,
-               '"exact" or "screened"')
         _check(m2.search != "screened" or 1 <= m2.screen_k <= 3**m.n_classes, "augment.method2.screen_k", m2.screen_k,
                f"1..3**model.n_classes = {3**m.n_classes}")
         _check(m2.exact_top >= 1, "augment.method2.exact_top", m2.exact_top, ">= 1")
@@ -247,14 +246,8 @@ class Params:
         return self
 
 
-# attacks.FIELD_ATTACKS, spelled here so that reading params imports no torch code
-# (every stage reads params; tests/test_evaluate_robust.py checks the two agree)
-ROBUST_ATTACKS = ("pgd", "segpgd", "cospgd", "apgd", "sea")
-
-
 def _check_robust(r: RobustParams) -> None:
-    _check(len(r.attacks) >= 1 and len(set(r.attacks)) == len(r.attacks) and set(r.attacks) <= set(ROBUST_ATTACKS),
-           "evaluate.robust.attacks", r.attacks, f"distinct names of {list(ROBUST_ATTACKS)}, at least one")
+    # the attack names are checked by the code that runs them (mlsys.robust.check)
     _check(len(r.radii) >= 1 and len(set(r.radii)) == len(r.radii) and min(r.radii) > 0,
            "evaluate.robust.radii", r.radii, "distinct positive radii on the 0..255 scale, e.g. [1, 4, 8]")
     _check(r.steps >= 1, "evaluate.robust.steps", r.steps, ">= 1")
@@ -335,47 +328,6 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raise ParamsError("params: train.seed is not read; every stage takes its seed from `seeds` "
                           "(e.g. seeds: [0, 1, 2])")
     return _build(Params, raw, "").validate()
-
-
-# The paper's experiment as the authors' code runs it (DESIGN.md): every choice their code
-# settles, as `dvc exp run -S` settings over params.yaml (`mlsys paper`, README "Paper scale").
-PAPER: dict[str, object] = {
-    "data.source": "pannuke", "data.fold": 2,            # fold 2: 2523 patches of 256x256
-    "data.split": [6, 1, 2], "data.split_seed": 42,      # shuffle seed 42, 6:1:2 -> 1682/280/561
-    "data.normalise": "minmax",                          # each image min-max to [0, 1]
-    "model.variant": "original", "model.init": "glorot",  # their Keras model; Keras' default init
-    "model.base": 64, "model.depth": 3, "model.dropout": 0.2,
-    "train.epochs": 60, "train.batch_size": 18, "train.lr": 0.004,
-    "train.lr_decay": 0.1, "train.lr_step": 10, "train.schedule": "keras",  # decay before epoch 0
-    "train.keep": "best",                                # ModelCheckpoint(save_best_only) on val_loss
-    "train.model4_epoch_fraction": 0.3333333333,
-    "train.amp": True, "train.channels_last": True,      # bf16 and NHWC on CUDA (ignored on CPU)
-    "evaluate.attack.mode": "faithful", "evaluate.attack.steps": 100,  # iterated FGSM, no projection
-    "evaluate.attack.eps": 0.01, "evaluate.attack.target": 0,
-    "evaluate.attack.amp": "auto", "evaluate.attack.channels_last": "auto",  # bf16 NHWC attack loops on CUDA
-    "augment.method1.mode": "faithful", "augment.method1.steps": 100, "augment.method1.eps": 0.01,
-    "augment.method1.amp": "auto", "augment.method1.channels_last": "auto",  # (the field's protocol too)
-    "augment.method2.eps": 0.01, "augment.method2.score": "l1", "augment.method2.select": "argmin",
-    "augment.method2.search": "exact",                   # all 729 candidates (the paper's search)
-    "augment.method2.amp": "auto", "augment.method2.channels_last": "auto",  # bf16 screen, fp32 winner,
-    "augment.method2.compile": True,                     # compiled forwards (DESIGN.md: 0.25 -> 0.15 s)
-    # beyond the paper: the field's protocol at its usual radii and steps (a GPU job)
-    "evaluate.robust.radii": [0.25, 0.5, 1, 2, 4, 8], "evaluate.robust.steps": 100,
-}
-
-
-def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
-    """params.yaml's mapping with dotted keys set (as `dvc exp run -S key=value` does)."""
-    import copy
-
-    out = copy.deepcopy(raw)
-    for key, value in overrides.items():
-        node = out
-        *parents, last = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return out
 
 
 def show_progress() -> bool:

@@ -14,11 +14,14 @@ The champion (registered in MLflow by the report stage) is chosen by CHAMPION_CR
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import numpy as np
 
+from . import entry
 from .params import CLASS_NAMES, MODELS
+from .results import radius_key
 
 MODEL_LABELS = {m: f"model {m[5:]} ({'clean' if sets == ('clean',) else ' + '.join(sets)})"
                 for m, sets in MODELS.items()}
@@ -138,8 +141,6 @@ ROBUST_METRICS = ("dice", "accuracy")  # shown per radius: worst-case macro nucl
 
 def robust_columns(radii: list[float]) -> list[str]:
     """Columns of the robustness table: "eps <r>/255 dice", "eps <r>/255 accuracy" per radius."""
-    from .evaluate import radius_key
-
     return [f"eps {radius_key(r)}/255 {m}" for r in radii for m in ROBUST_METRICS]
 
 
@@ -166,8 +167,6 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
     means over seeds); "curves" {curve (attack or "worst"): {model: {"steps", "mean",
     "lo", "hi"}}} Dice over the steps at R (lo/hi: lowest/highest seed); "clean"
     {model: (mean, std)} of the clean Dice and accuracy."""
-    from .evaluate import radius_key
-
     evals = [e for s in per_seed.values() for e in s.values()]
     if not evals or any("robust" not in e for e in evals):
         return None
@@ -204,8 +203,6 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
 
 def robust_summary(rob: dict) -> dict:
     """metrics/report.json's "robust": {model: {"eps<r>": {metric: {"mean", "std"}}}} (worst case)."""
-    from .evaluate import radius_key
-
     out: dict = {}
     for i, m in enumerate(rob["table"]["model"]):
         for r in rob["radii"]:
@@ -219,8 +216,6 @@ def robust_summary(rob: dict) -> dict:
 def robust_radius_rows(rob: dict) -> list[dict]:
     """`dvc plots` rows, one per radius (0 = clean): radius, then per model the worst-case
     mean and std over seeds of each of ROBUST_METRICS ("<model>_dice", "<model>_dice_std", ...)."""
-    from .evaluate import radius_key
-
     models = rob["table"]["model"]
     rows = [{"radius": 0.0, **{f"{m}_{k}{suffix}": rob["clean"][m][k][j] for m in models for k in ROBUST_METRICS
                                for j, suffix in ((0, ""), (1, "_std"))}}]
@@ -359,7 +354,7 @@ def read_evals(seeds: list[int]) -> dict[int, dict[str, dict]]:
     from pathlib import Path
 
     from . import paths
-    from .data import require
+    from .files import require
 
     out = {}
     for seed in seeds:
@@ -418,9 +413,9 @@ def main(p) -> None:
     import mlflow
     import torch
 
-    from . import data, figures, paths, tracking
+    from . import data, figures, files, paths, tracking
     from .metrics import predict
-    from .train import load_weights
+    from .weights import load_weights
 
     seeds = list(p.seeds)
     per_seed = read_evals(seeds)
@@ -442,7 +437,7 @@ def main(p) -> None:
              "results are bit-identical only on the same CPU model with the same thread count."]
     # reports/ is a DVC out dir written file by file: build it beside and rename it when complete
     with tracking.stage_run(paths.stage_name("report"), {"seeds": ",".join(map(str, seeds))}, p.tracking.experiment,
-                            {"mlsys.stage": "report"}) as run, data.atomic_dir(paths.REPORT) as out:
+                            {"mlsys.stage": "report"}) as run, files.atomic_dir(paths.REPORT) as out:
         (out / "figures").mkdir(parents=True, exist_ok=True)
         for name in ("table1", "table1_std", "table1_seeds", "table2", "table2_std", "table2_seeds"):
             (out / f"{name}.csv").write_text(to_csv(tabs[name]))
@@ -471,7 +466,7 @@ def main(p) -> None:
         figures.save(figures.per_class_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
                                             std2=tabs["table2_std"]), out / "figures/per_class_dice.png")
         figs.append(("Per-class Dice", "figures/per_class_dice.png"))
-        data.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
+        files.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
         if rob is not None:
             for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"])):
                 (out / f"{name}.csv").write_text(to_csv(t))
@@ -486,11 +481,11 @@ def main(p) -> None:
                                                              f"(mean; band: lowest to highest of {len(seeds)} seeds)"),
                          out / "figures/robust_steps.png")
             figs.append(("Robustness along the attack steps", "figures/robust_steps.png"))
-            data.write_csv(f"{paths.REPORT_PLOTS}/robust_radius.csv", robust_radius_rows(rob))
-            data.write_csv(f"{paths.REPORT_PLOTS}/robust_steps.csv", robust_steps_rows(rob))
+            files.write_csv(f"{paths.REPORT_PLOTS}/robust_radius.csv", robust_radius_rows(rob))
+            files.write_csv(f"{paths.REPORT_PLOTS}/robust_steps.csv", robust_steps_rows(rob))
         for m, runs in histories.items():  # `dvc plots`: the mean curve over seeds of each model
             n = min(len(r) for r in runs)
-            data.write_csv(f"{paths.REPORT_PLOTS}/{m}_loss.csv", [
+            files.write_csv(f"{paths.REPORT_PLOTS}/{m}_loss.csv", [
                 {"epoch": e, **{k: float(np.mean([r[e][k] for r in runs])) for k in ("train_loss", "valid_loss")}}
                 for e in range(n)])
         first = seeds[0]
@@ -516,11 +511,11 @@ def main(p) -> None:
                             for r, ms in per_r.items() for metric, st in ms.items()
                             for stat, v in st.items() if v is not None})
         if p.tracking.log_model:  # the champion joins the model registry
-            result["champion"] = register_champion(means, first, p)
+            result["champion"] = champion_to_registry(means, first, p)
             notes.append(champion_line(result["champion"]["model"], result["champion"]["registered_model"],
                                        result["champion"]["version"], tracking.CHAMPION_ALIAS, first))
             print(notes[-1])
-        data.write_json(paths.REPORT_METRICS, result)
+        files.write_json(paths.REPORT_METRICS, result)
         (out / "report.md").write_text(markdown_report(shown, figs, tuple(notes)))
         (out / "report.html").write_text(html_report(shown, figs, out, tuple(notes)))
         mlflow.log_artifacts(str(out), "report")
@@ -531,7 +526,7 @@ def main(p) -> None:
             print(to_markdown(t, title))
 
 
-def register_champion(means: dict[str, dict], seed: int, p) -> dict:
+def champion_to_registry(means: dict[str, dict], seed: int, p) -> dict:
     """Register the best of the four models (CHAMPION_CRITERION, on the means over seeds),
     its weights of ``seed``, as the ``champion`` of the MLflow registered model; returns
     what metrics/report.json says about it."""
@@ -540,7 +535,7 @@ def register_champion(means: dict[str, dict], seed: int, p) -> dict:
     import mlflow
 
     from . import data, paths, tracking
-    from .train import load_weights
+    from .weights import load_weights
 
     best = champion(means)
     weights = paths.weights(best, seed)
@@ -605,3 +600,13 @@ def compare(p, parent: str | None = None) -> str:
                        ("Paired differences from model 1", paired_table(tabs["paired"]))):
         lines.append(to_markdown(t, title))
     return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m mlsys.report``: the stage as DVC runs it."""
+    ap = entry.parser("python -m mlsys.report", "Write Tables 1 and 2 and the figures to reports/ (DVC stage report).")
+    return entry.main("mlsys report", "mlsys.report", ap, lambda a, p: main(p), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -30,7 +30,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 import mlflow  # noqa: E402
 
 from . import hardware  # noqa: E402
-from .data import file_md5  # noqa: E402
+from .files import file_md5  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 PARENT_ENV = "MLSYS_PARENT_RUN_ID"

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import warnings
-from dataclasses import asdict
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -30,24 +28,15 @@ from tqdm.auto import tqdm  # tqdm.write: lines that keep a terminal's bar intac
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from .data import atomic_path
+from . import entry
 from .distributed import Group, all_sum, broadcast
+from .files import atomic_path
 from .hardware import machine, pick_device
-from .progress import bar as progress_bar
 from .metrics import evaluate
 from .model import UNet, build_model
-from .params import METHODS, MODELS, InputError, ModelParams, TrainParams  # noqa: F401 - MODELS used here
-
-
-
-
-class CheckpointError(InputError, ValueError):
-    """A weights file does not fit the configured model."""
-
-
-# model config keys added after weights files were first written, with the value every
-# older file holds (there was only the standard U-Net with He initialisation)
-LEGACY_MODEL_CONFIG = {"variant": "standard", "init": "he"}
+from .params import MODELS, TrainParams, method_tag
+from .progress import bar as progress_bar
+from .weights import CheckpointError, safe_load, save_weights
 
 
 def epochs_for(model_name: str, cfg: TrainParams) -> int:
@@ -87,56 +76,6 @@ def kept_epoch(history: list[dict], keep: str) -> int:
 def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     """Dropout draws of an epoch (the shuffle is the sampler's, seeded alike)."""
     torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
-
-
-def save_weights(model: UNet, cfg: ModelParams, path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Weights as a plain state_dict + config: loading them never runs code."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "config": asdict(cfg), "meta": meta or {}}, tmp)
-
-
-def safe_load(path: str | os.PathLike, what: str, map_location="cpu"):
-    """``torch.load(weights_only=True)``: tensors and plain containers only, so a file can
-    never run code. A refused or unreadable file is a CheckpointError naming it."""
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} {path} do not exist") from None
-    except pickle.UnpicklingError as err:  # what the weights-only unpickler refused, in its words
-        why = str(err).partition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
-        raise CheckpointError(f"{what} {path} cannot be loaded safely: it holds more than tensors "
-                              f"({why or 'not a weights-only pickle'}); refusing to unpickle it") from None
-    except Exception as err:  # noqa: BLE001 - truncated or foreign files
-        raise CheckpointError(f"{what} {path} cannot be loaded safely: not a readable torch file "
-                              f"({str(err).splitlines()[0].split('. ')[0]})") from None
-
-
-def load_weights(path: str | os.PathLike, cfg: ModelParams, map_location="cpu") -> UNet:
-    """A U-Net of config ``cfg`` with the weights at ``path`` (``weights_only`` loading)."""
-    blob = safe_load(path, "weights", map_location)
-    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
-        raise CheckpointError(f"weights {path} are not an mlsys weights file")
-    saved = blob.get("config", {})
-    if saved:
-        saved = {**LEGACY_MODEL_CONFIG, **saved}
-    if saved and saved != asdict(cfg):
-        diff = sorted(k for k, v in asdict(cfg).items() if saved.get(k) != v)
-        raise CheckpointError(f"weights {path} were trained with "
-                              + ", ".join(f"model.{k} = {saved.get(k)!r}" for k in diff)
-                              + ", params.yaml says " + ", ".join(f"{getattr(cfg, k)!r}" for k in diff)
-                              + f"; retrain or match the params (differs in {diff})")
-    model = build_model(cfg)
-    got, want = blob["state_dict"], model.state_dict()
-    bad = ([f"missing {k}" for k in want if k not in got] + [f"unexpected {k}" for k in got if k not in want]
-           + [f"{k} of shape {tuple(getattr(got[k], 'shape', ()))}" for k in want
-              if k in got and getattr(got[k], "shape", None) != want[k].shape])
-    if bad:
-        raise CheckpointError(f"weights {path} do not fit the U-Net of the params: {len(bad)} tensors differ "
-                              f"(e.g. {bad[0]})")
-    model.load_state_dict(got)
-    return model
 
 
 def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor],
@@ -276,17 +215,14 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
 
 
 # --------------------------------------------------------------------------- the train stage
-def method_tag(model: str) -> str:
-    """Which augmentation methods a model's training sets come from ("clean" for model 1),
-    so that filtering runs by ``tags.`mlsys.method``` finds a method's set and its models."""
-    return "+".join(s for s in MODELS[model] if s != "clean") or "clean"
 
 
 def training_data(name: str, seed: int):
     """(training set paths, (images, masks) of their training splits concatenated,
     (images, masks) of the clean validation split) of model ``name`` at ``seed``."""
     from . import paths
-    from .data import load_split, require
+    from .data import load_split
+    from .files import require
 
     sets = [paths.dataset(s, seed) for s in MODELS[name]]
     for s, path in zip(MODELS[name], sets):
@@ -296,17 +232,17 @@ def training_data(name: str, seed: int):
         load_split(paths.CLEAN, "valid", channels=True)
 
 
-def main(p, name: str, seed: int, argv: list[str]) -> None:
+def main(p, name: str, seed: int, relaunch: list[str]) -> None:
     """DVC stage ``train-<name>@<seed>``: ``models/seed<seed>/<name>.pt``, its per-epoch curve
     (``plots/train/...csv``) and summary (``metrics/train/...json``), one MLflow run with
     every epoch's metrics, figures and the logged model. ``distributed.nproc.train`` > 1:
-    DistributedDataParallel under torchrun (``argv`` is re-run there)."""
+    DistributedDataParallel under torchrun (the interpreter arguments ``relaunch`` re-run there)."""
     from dataclasses import replace
 
     from .distributed import in_processes
 
     cfg = replace(p.train, seed=seed)
-    in_processes(p.distributed.nproc.train, argv, pick_device(cfg.device), p.distributed.timeout_s,
+    in_processes(p.distributed.nproc.train, relaunch, pick_device(cfg.device), p.distributed.timeout_s,
                  lambda group: _train_stage(p, cfg, name, seed, group))
 
 
@@ -316,8 +252,8 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
     import mlflow
 
     from . import figures, paths, tracking
-    from .data import file_md5, write_csv, write_json
     from .distributed import is_main
+    from .files import file_md5, write_csv, write_json
     from .metrics import predict
     from .params import section_dict, show_progress
 
@@ -379,3 +315,16 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
         Path(checkpoint).unlink(missing_ok=True)  # done: the next run starts fresh
         print(f"{paths.stage_name('train', name, seed)}: {epochs} epochs, kept epoch {kept['epoch']} "
               f"({cfg.keep}): valid loss {kept['valid_loss']:.4f}, dice {kept['valid_dice']:.4f}")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m mlsys.train <model> [--seed S]``: the stage as DVC runs it."""
+    ap = entry.parser("python -m mlsys.train", "Train one of the four models (DVC stage train-<model>@<seed>).")
+    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("--seed", type=int, help=entry.SEED_HELP)
+    return entry.main("mlsys train", "mlsys.train", ap,
+                      lambda a, p: main(p, a.model, entry.seed_of(a, p), a.relaunch), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -205,7 +205,7 @@ def test_unknown_mode_is_rejected(model):
 def test_targeted_attack_drives_a_trained_model_to_background():
     """The paper's evaluation attack (faithful, full-area background) on a micro model
     trained briefly on synthetic patches: most nucleus predictions turn background."""
-    from mlsys.data import normalise_images, semantic_masks
+    from mlsys.prepare import normalise_images, semantic_masks
     from mlsys.synthetic import generate
 
     raw_images, raw_masks, _ = generate(8, SIZE, 0, progress=False)

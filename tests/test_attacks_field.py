@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsys.attacks import (SEA_SCHEDULE, apgd, apgd_checkpoints, balanced_masked_ce, cospgd, cospgd_loss,
-                           image_ce, js_divergence, masked_ce, pgd, sea, segpgd, segpgd_loss, untargeted,
-                           worst_case)
+from mlsys.attacks import pgd
+from mlsys.robust import SEA_SCHEDULE, apgd, apgd_checkpoints, balanced_masked_ce, cospgd, cospgd_loss, image_ce, js_divergence, masked_ce, sea, segpgd, segpgd_loss, untargeted, worst_case
 from mlsys.model import UNet
 
 SIZE, CLASSES = 16, 6

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from mlsys.attacks import full_area, input_grad, pgd
-from mlsys.augment import (base3_digits, class_directions, method_one, method_two, neighbours, one_class_effects,
-                           screened_scores, search_image, separable_logits)
+from mlsys.method1 import method_one
+from mlsys.method2 import base3_digits, class_directions, method_two, neighbours, one_class_effects, screened_scores, search_image, separable_logits
 from mlsys.model import UNet
 from mlsys.ops import candidates_ref, index_signs
 from mlsys.params import Method1Params, Method2Params, Params, ParamsError
@@ -335,14 +335,17 @@ def test_method_two_takes_the_search_settings_from_cfg():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("search", "greedy", '"exact" or "screened"'), ("screen_k", 0, r"1\.\.3\*\*model\.n_classes = 729"),
+    ("search", "greedy", r"one of \['exact', 'screened'\]"), ("screen_k", 0, r"1\.\.3\*\*model\.n_classes = 729"),
     ("screen_k", 730, ".*729"), ("exact_top", 0, ">= 1")])
 def test_method_two_settings_are_validated(key, value, message):
+    from mlsys.method2 import check
+
     p = Params()
     p.augment.method2.search = "screened"   # screen_k is read (and checked) by the screened search only
     setattr(p.augment.method2, key, value)
     with pytest.raises(ParamsError, match=f"augment.method2.{key} = .* expected {message}"):
         p.validate()
+        check(p.augment.method2)  # the choices: checked by method two's own module
 
 
 def test_the_searches_import_without_yaml_tqdm_h5py_mlflow_dvc():
@@ -353,7 +356,7 @@ def test_the_searches_import_without_yaml_tqdm_h5py_mlflow_dvc():
             "        if name.split('.')[0] in ('yaml', 'tqdm', 'h5py', 'mlflow', 'dvc'):\n"
             "            raise ImportError('blocked ' + name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "from mlsys.augment import class_directions, search_image, method_two\n")
+            "from mlsys.method2 import class_directions, search_image, method_two\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -413,24 +416,26 @@ def test_method_sets_keep_masks_and_channel_bits(tmp_path, method):
     import h5py
     from test_data import fake_fold, write_fold
 
-    from mlsys import data
+    from mlsys import data, prepare
+    from importlib import import_module
+
     from mlsys.augment import build_set
     from mlsys.params import AugmentParams, DataParams
 
     images, masks, types = fake_fold(12, SIZE)
     clean = tmp_path / "clean.h5"
-    data.prepare(DataParams(source="pannuke", pannuke_path=str(write_fold(tmp_path / "src", 2, images, masks,
+    prepare.prepare(DataParams(source="pannuke", pannuke_path=str(write_fold(tmp_path / "src", 2, images, masks,
                                                                            types)), fold=2), clean, progress=False)
     cfg = AugmentParams(method1=Method1Params(steps=1, batch_size=3), method2=Method2Params(batch_size=3))
     model = unet().eval()
     idx = data.split_of(clean, "train")
-    build_set(method, model, clean, tmp_path / "set.h5", cfg, torch.device("cpu"), {}, progress=False)
+    build_set(import_module(f"mlsys.{method}").METHOD, model, clean, tmp_path / "set.h5", cfg, torch.device("cpu"), {}, progress=False)
     _, y, bits = data.load_split(tmp_path / "set.h5", "train", channels=True)
-    np.testing.assert_array_equal(bits.numpy(), data.channel_bits(masks)[idx])
-    np.testing.assert_array_equal(y.numpy(), data.semantic_masks(masks)[idx])
-    assert (bits.numpy() != data.channel_bits(masks)[np.roll(idx, 1)]).any()  # the bits distinguish images
+    np.testing.assert_array_equal(bits.numpy(), prepare.channel_bits(masks)[idx])
+    np.testing.assert_array_equal(y.numpy(), prepare.semantic_masks(masks)[idx])
+    assert (bits.numpy() != prepare.channel_bits(masks)[np.roll(idx, 1)]).any()  # the bits distinguish images
     with h5py.File(clean, "a") as f:
         del f["channels"]
-    build_set(method, model, clean, tmp_path / "old.h5", cfg, torch.device("cpu"), {}, progress=False)
+    build_set(import_module(f"mlsys.{method}").METHOD, model, clean, tmp_path / "old.h5", cfg, torch.device("cpu"), {}, progress=False)
     assert not data.has_channels(tmp_path / "old.h5")
     np.testing.assert_array_equal(data.load_split(tmp_path / "old.h5", "train")[1].numpy(), y.numpy())

@@ -48,12 +48,12 @@ def test_screened_benchmark_validates_and_reports_every_search(tmp_path):
     it checks the library's searches against the exact tables, then writes one row per search."""
     import torch
 
-    from mlsys import data
+    from mlsys import data, prepare
     from mlsys.model import build_model
     from mlsys.params import DataParams, load_params
-    from mlsys.train import save_weights
+    from mlsys.weights import save_weights
 
-    data.prepare(DataParams(n_images=30), tmp_path / "clean.h5", progress=False)
+    prepare.prepare(DataParams(n_images=30), tmp_path / "clean.h5", progress=False)
     mp = load_params(ROOT / "params.yaml").model
     torch.manual_seed(0)
     save_weights(build_model(mp), mp, tmp_path / "model1.pt")

@@ -55,7 +55,8 @@ def test_paper_command_sets_every_authors_choice_and_validates(tmp_path):
 
     import yaml
 
-    from mlsys.params import PAPER, Params, _build, with_overrides
+    from mlsys.params import Params, _build
+    from mlsys.presets import PAPER, with_overrides
 
     (tmp_path / "fold_2.zip").write_bytes(b"")
     out = mlsys(tmp_path, "--params", str(ROOT / "params.yaml"), "paper", "fold_2.zip", "--dry-run")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlsys import data
+from mlsys import data, prepare
 from mlsys.params import DataParams
 
 
@@ -45,7 +45,7 @@ def write_fold(folder, fold, images, masks, types):
 
 def test_semantic_rule_ids_overlap_void():
     _, masks, _ = fake_fold()
-    sem = data.semantic_masks(masks)
+    sem = prepare.semantic_masks(masks)
     assert sem.dtype == np.uint8 and sem.shape == masks.shape[:3]
     assert (sem[0, 1:3, 1:3] == 1).all()        # id 1000 in channel 0 -> neoplastic
     assert sem[0, 4, 4] == 2                    # id 256 in channel 1 -> inflammatory
@@ -66,14 +66,14 @@ def test_pannuke_import(tmp_path, packing):
                 z.write(f, f.relative_to(tmp_path / "src"))
     out = tmp_path / "clean.h5"
     cfg = DataParams(source="pannuke", pannuke_path=str(path), fold=2, normalise="255")
-    sizes = data.prepare(cfg, out, progress=False)
+    sizes = prepare.prepare(cfg, out, progress=False)
     assert sizes == {"train": 6, "valid": 1, "test": 2}
     with h5py.File(out) as f:
         assert f["images"].shape == (9, 3, 8, 8) and f["images"].dtype == np.float32
         np.testing.assert_allclose(f["images"][4], images[4].transpose(2, 0, 1) / 255, rtol=1e-6)
-        np.testing.assert_array_equal(f["masks"][:], data.semantic_masks(masks))
+        np.testing.assert_array_equal(f["masks"][:], prepare.semantic_masks(masks))
         assert [t.decode() for t in f["tissue"][:3]] == ["Breast", "Colon", "Lung"]
-        np.testing.assert_array_equal(f["channels"][:], data.channel_bits(masks))
+        np.testing.assert_array_equal(f["channels"][:], prepare.channel_bits(masks))
         assert f.attrs["source"].startswith("pannuke:")
         assert "lowest channel" in f.attrs["overlap_rule"]
         all_idx = np.concatenate([f[f"split/{s}"][:] for s in data.SPLITS])
@@ -83,28 +83,28 @@ def test_pannuke_import(tmp_path, packing):
 def test_pannuke_errors(tmp_path):
     cfg = DataParams(source="pannuke", pannuke_path=str(tmp_path / "nope"))
     with pytest.raises(data.DataError, match="does not exist"):
-        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+        prepare.prepare(cfg, tmp_path / "o.h5", progress=False)
     (tmp_path / "empty").mkdir()
     cfg.pannuke_path = str(tmp_path / "empty")
     with pytest.raises(data.DataError, match="expected one images.npy"):
-        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+        prepare.prepare(cfg, tmp_path / "o.h5", progress=False)
     images, masks, types = fake_fold()
     base = write_fold(tmp_path / "bad", 2, images, masks[:5], types)
     cfg.pannuke_path = str(base)
     with pytest.raises(data.DataError, match="masks.npy has shape"):
-        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+        prepare.prepare(cfg, tmp_path / "o.h5", progress=False)
     images[3, 0, 0, 0] = np.nan
     base = write_fold(tmp_path / "nan", 2, images, masks, types)
     cfg.pannuke_path = str(base)
     with pytest.raises(data.DataError, match="NaN"):
-        data.prepare(cfg, tmp_path / "o.h5", progress=False)
+        prepare.prepare(cfg, tmp_path / "o.h5", progress=False)
     assert not (tmp_path / "o.h5").exists() and not list(tmp_path.glob(".o.h5*"))
 
 
 def test_channel_bits_mapping():
     """Bit c = our class id c: background (ours 0) is raw channel 5, class c is raw c - 1."""
     _, masks, _ = fake_fold()
-    bits = data.channel_bits(masks)
+    bits = prepare.channel_bits(masks)
     assert bits.dtype == np.uint8 and bits.shape == masks.shape[:3]
     assert (bits[0, 1:3, 1:3] == 0b10).all()           # id 1000 in raw 0 -> neoplastic (bit 1), no wrap
     assert bits[0, 4, 4] == 0b100                       # id 256 in raw 1 -> inflammatory (bit 2)
@@ -121,14 +121,14 @@ def test_readers_channels_keyword(tmp_path):
     images, masks, types = fake_fold()
     base = write_fold(tmp_path / "src", 2, images, masks, types)
     out = tmp_path / "clean.h5"
-    data.prepare(DataParams(source="pannuke", pannuke_path=str(base), fold=2), out, progress=False)
+    prepare.prepare(DataParams(source="pannuke", pannuke_path=str(base), fold=2), out, progress=False)
     idx = data.split_of(out, "train")
     assert len(data.load_split(out, "train")) == 2 and len(data.head(out, "train", 3)) == 2
     assert len(next(data.iter_chunks(out, "train", 4))) == 4      # the old callers' shapes
     x, y, bits = data.load_split(out, "train", channels=True)
-    np.testing.assert_array_equal(bits.numpy(), data.channel_bits(masks)[idx])
+    np.testing.assert_array_equal(bits.numpy(), prepare.channel_bits(masks)[idx])
     _, _, hbits = data.head(out, "train", 3, channels=True)
-    np.testing.assert_array_equal(hbits.numpy(), data.channel_bits(masks)[idx[:3]])
+    np.testing.assert_array_equal(hbits.numpy(), prepare.channel_bits(masks)[idx[:3]])
     chunks = [c[4] for c in data.iter_chunks(out, "train", 4, channels=True)]
     np.testing.assert_array_equal(np.concatenate(chunks), bits.numpy())
     assert data.has_channels(out)
@@ -147,26 +147,26 @@ def test_readers_channels_keyword(tmp_path):
 
 
 def test_split_sizes_match_paper():
-    s = data.split_indices(2523, [6, 1, 2], 42)
+    s = prepare.split_indices(2523, [6, 1, 2], 42)
     assert [len(s[k]) for k in data.SPLITS] == [1682, 280, 561]
     assert len(np.unique(np.concatenate(list(s.values())))) == 2523
-    again = data.split_indices(2523, [6, 1, 2], 42)
+    again = prepare.split_indices(2523, [6, 1, 2], 42)
     assert all((s[k] == again[k]).all() for k in data.SPLITS)
 
 
 def test_normalisation_modes():
     raw = np.stack([np.full((4, 4, 3), 50.0), np.arange(48, dtype=float).reshape(4, 4, 3) + 10])
-    mm = data.normalise_images(raw, "minmax")
+    mm = prepare.normalise_images(raw, "minmax")
     assert mm.shape == (2, 3, 4, 4)
     assert (mm[0] == 0).all()                     # constant image
     assert mm[1].min() == 0 and mm[1].max() == 1
-    np.testing.assert_allclose(data.normalise_images(raw, "255"), raw.transpose(0, 3, 1, 2) / 255, rtol=1e-6)
+    np.testing.assert_allclose(prepare.normalise_images(raw, "255"), raw.transpose(0, 3, 1, 2) / 255, rtol=1e-6)
 
 
 def test_synthetic_prepare_and_load(tmp_path):
     out = tmp_path / "clean.h5"
     cfg = DataParams(n_images=18, image_size=16)
-    sizes = data.prepare(cfg, out, progress=False)
+    sizes = prepare.prepare(cfg, out, progress=False)
     assert sum(sizes.values()) == 18
     x, y = data.load_split(out, "train")
     assert x.shape == (sizes["train"], 3, 16, 16) and x.dtype.is_floating_point
@@ -176,7 +176,7 @@ def test_synthetic_prepare_and_load(tmp_path):
     from mlsys.synthetic import generate                   # the synthetic path keeps the bits too
     _, raw, _ = generate(18, 16, cfg.synthetic_seed, progress=False)
     bits = data.load_split(out, "train", channels=True)[2].numpy()
-    np.testing.assert_array_equal(bits, data.channel_bits(raw)[data.split_of(out, "train")])
+    np.testing.assert_array_equal(bits, prepare.channel_bits(raw)[data.split_of(out, "train")])
 
 
 def test_synthetic_prepare_streams_the_generator(tmp_path):
@@ -191,7 +191,7 @@ def test_synthetic_prepare_streams_the_generator(tmp_path):
         cfg = DataParams(n_images=n, image_size=size, synthetic_seed=3)
         tracemalloc.start()
         try:
-            data.prepare(cfg, tmp_path / f"clean{n}.h5", progress=False)
+            prepare.prepare(cfg, tmp_path / f"clean{n}.h5", progress=False)
             peaks[n] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -199,8 +199,8 @@ def test_synthetic_prepare_streams_the_generator(tmp_path):
     assert peaks[512] < 1.25 * peaks[128] and peaks[512] < full / 2, (peaks, full)
     images, masks, types = generate(128, size, 3, progress=False)
     with h5py.File(tmp_path / "clean128.h5") as f:
-        assert np.array_equal(f["images"][:], data.normalise_images(images, "minmax"))
-        assert np.array_equal(f["masks"][:], data.semantic_masks(masks))
+        assert np.array_equal(f["images"][:], prepare.normalise_images(images, "minmax"))
+        assert np.array_equal(f["masks"][:], prepare.semantic_masks(masks))
         assert f["tissue"][:].astype(str).tolist() == types.tolist()
 
 

@@ -9,8 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from mlsys import data
-from mlsys.attacks import full_area, pgd, untargeted
+from mlsys import data, prepare
+from mlsys.attacks import full_area, pgd
+from mlsys.robust import untargeted
 from mlsys.distributed import ChunkStore, Shard
 from mlsys.data import split_tissues
 from mlsys.evaluate import curve_points, evaluate_split, image_states, robust_results, robust_seed
@@ -26,7 +27,7 @@ CPU = torch.device("cpu")
 def micro(tmp_path_factory) -> str:
     """The synthetic generator's micro set: 27 patches of 16x16, 6 test images of 4 tissues."""
     path = tmp_path_factory.mktemp("data") / "clean.h5"
-    data.prepare(DataParams(n_images=27, image_size=16), path, progress=False)
+    prepare.prepare(DataParams(n_images=27, image_size=16), path, progress=False)
     return str(path)
 
 
@@ -222,17 +223,16 @@ def test_disabled_protocol_gives_none(micro, model, tmp_path):
 
 # --------------------------------------------------------------------------- params
 def test_params_yaml_protocol_loads_and_bad_values_are_one_line_errors(root, tmp_path):
-    from mlsys.attacks import FIELD_ATTACKS
-    from mlsys.params import ROBUST_ATTACKS
+    from mlsys.robust import check
 
-    assert ROBUST_ATTACKS == FIELD_ATTACKS
     p = load_params(root / "params.yaml")
     assert dataclasses.asdict(p.evaluate.robust) == dataclasses.asdict(RobustParams())  # params.yaml = defaults
+    check(p.evaluate.robust)
     for bad, key in (({"attacks": ["fgsm"]}, "attacks"), ({"attacks": []}, "attacks"),
                      ({"attacks": ["sea", "sea"]}, "attacks"), ({"radii": [0, 8]}, "radii"),
                      ({"radii": []}, "radii"), ({"steps": 0}, "steps"), ({"curve_every": 0}, "curve_every")):
         path = tmp_path / "p.yaml"
         path.write_text(__import__("yaml").safe_dump({"evaluate": {"robust": bad}}))
         with pytest.raises(ParamsError, match=rf"^params: evaluate\.robust\.{key} = .* is invalid; expected") as err:
-            load_params(path)
+            check(load_params(path).evaluate.robust)  # the names: checked by the attacks' own module
         assert "\n" not in str(err.value)

@@ -94,20 +94,21 @@ def test_the_method_two_set_records_the_resolved_precision(tmp_path, monkeypatch
 
     from test_data import fake_fold, write_fold
 
-    from mlsys import data
+    from mlsys import data, prepare
     from mlsys.augment import build_set
+    from mlsys.method2 import METHOD as METHOD2
     from mlsys.model import UNet
     from mlsys.params import DataParams
 
     monkeypatch.setenv(hardware.CPU_BF16_ENV, value)
     images, masks, types = fake_fold(9, 16)
     clean = tmp_path / "clean.h5"
-    data.prepare(DataParams(source="pannuke", pannuke_path=str(write_fold(tmp_path / "src", 2, images, masks, types)),
+    prepare.prepare(DataParams(source="pannuke", pannuke_path=str(write_fold(tmp_path / "src", 2, images, masks, types)),
                             fold=2), clean, progress=False)
     torch.manual_seed(0)
     model = UNet(n_classes=6, base=2, depth=2).eval()
     cfg = AugmentParams(method2=Method2Params(batch_size=3, chunk=729))
     out = tmp_path / "method2.h5"
-    build_set("method2", model, clean, out, cfg, CPU, {}, progress=False)
+    build_set(METHOD2, model, clean, out, cfg, CPU, {}, progress=False)
     settings = json.loads(data.read_attrs(out)["settings"])
     assert settings["amp"] is native and settings["channels_last"] is True

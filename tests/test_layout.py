@@ -4,7 +4,6 @@ bad input ends in one line and exit status 2 leaving nothing behind, and an edit
 makes method two refuse the stale native build."""
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 import subprocess
@@ -16,12 +15,11 @@ import pytest
 import yaml
 
 import micro
-from mlsys import paths
+from mlsys import closure, paths
 from mlsys.params import METHODS, MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "mlsys"
-JOB_WORDS = {"prepare", "train", "augment", "evaluate", "report"}
 
 
 # --------------------------------------------------------------------------- dvc.yaml, expanded
@@ -62,111 +60,95 @@ def stages() -> dict[str, dict]:
     return expand_stages((ROOT / "dvc.yaml").read_text(), seeds())
 
 
-# --------------------------------------------------------------------------- imports, from the code
-def _mlsys_modules(nodes) -> set[str]:
-    """Names of the mlsys modules (files mlsys/<name>.py) imported anywhere inside ``nodes``
-    (also inside functions): ``from . import x``, ``from .x import y``, ``import mlsys.x``,
-    ``from mlsys import x``, ``from mlsys.x import y``. The compiled mlsys._C is no file here."""
-    found = set()
-    for node in (n for top in nodes for n in ast.walk(top)):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 or (node.level == 0 and node.module == "mlsys"):
-                base = node.module if node.level == 1 else None
-                if base is None:
-                    found.update(a.name for a in node.names)
-                else:
-                    found.add(base.split(".")[0])
-            elif node.level == 0 and (node.module or "").startswith("mlsys."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("mlsys."))
-    return {m for m in found if (PKG / f"{m}.py").is_file()}
+# --------------------------------------------------------------------------- code deps = import closure
+def stage_module(cmd: str) -> str:
+    """The module a stage runs: its cmd is ``bin/python -m mlsys.<module> ...``."""
+    words = cmd.split()
+    assert words[:2] == ["bin/python", "-m"] and words[2].startswith("mlsys."), f"cmd {cmd!r}"
+    assert (PKG / f"{words[2][len('mlsys.'):]}.py").is_file(), f"cmd {cmd!r} runs no module of mlsys/"
+    return words[2]
 
 
-def _tree(module: str) -> ast.Module:
-    return ast.parse((PKG / f"{module}.py").read_text(), filename=f"mlsys/{module}.py")
-
-
-def _functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
-    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-
-
-def cli_nodes() -> list[ast.AST]:
-    """What every stage executes of cli.py: its module level and ``main()`` / ``build_parser()``
-    (the ``cmd_*`` functions only dispatch to the job modules, each stage to its own)."""
-    tree = _tree("cli")
-    fns = _functions(tree)
-    top = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-    return top + [fns["main"], fns["build_parser"]]
-
-
-def job_modules(job: str) -> set[str]:
-    """The module(s) ``mlsys <job>`` dispatches to: what COMMANDS[job] (cli.py) imports."""
-    tree = _tree("cli")
-    commands = next(n.value for n in tree.body if isinstance(n, ast.Assign)
-                    and any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in n.targets))
-    by_word = {k.value: v.id for k, v in zip(commands.keys, commands.values)}
-    assert job in by_word, f"cli.py COMMANDS has no {job!r}"
-    mods = _mlsys_modules([_functions(tree)[by_word[job]]])
-    assert mods, f"cli.py {by_word[job]} imports no mlsys module"
-    return mods
-
-
-def executed_modules(job: str) -> set[str]:
-    """The import closure of ``python -m mlsys <job>``: __main__, cli (as :func:`cli_nodes`)
-    and the job module, each followed through everything it imports."""
-    todo, seen = ["__main__", "cli", *sorted(job_modules(job))], set()
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        todo.extend(_mlsys_modules(cli_nodes() if m == "cli" else [_tree(m)]) - seen)
-    return seen
-
-
-def _covers(dep: str, path: str) -> bool:
-    return path == dep or path.startswith(dep.rstrip("/") + "/")
-
-
-def missing_code_deps(all_stages: dict[str, dict]) -> list[str]:
-    """One line per (stage, executed module file) that the stage's deps do not list."""
-    missing, cache = [], {}
+def code_dep_errors(all_stages: dict[str, dict]) -> list[str]:
+    """One line per stage whose Python deps differ from its module's import closure: each
+    missing file, each extra one. (Non-Python deps such as csrc/ are declared beside it.)"""
+    errors = []
     for name, st in all_stages.items():
-        words = st["cmd"].split()
-        assert words[0] == "bin/mlsys" and words[1] in JOB_WORDS, f"stage {name}: cmd {st['cmd']!r}"
-        if words[1] not in cache:
-            cache[words[1]] = executed_modules(words[1])
-        for m in sorted(cache[words[1]]):
-            path = f"mlsys/{m}.py"
-            if not any(_covers(d, path) for d in st["deps"]):
-                missing.append(f"stage {name} executes {path} but does not depend on it")
-    return missing
+        want = set(closure.files(stage_module(st["cmd"])))
+        have = {d for d in st["deps"] if d.startswith("mlsys/")}
+        errors += [f"stage {name} executes {f} but does not depend on it" for f in sorted(want - have)]
+        errors += [f"stage {name} depends on {f}, which it does not execute" for f in sorted(have - want)]
+    return errors
 
 
 def test_import_closure_sees_function_level_imports():
-    # evaluate imports figures/tracking only inside a function; augment reaches ops and _build
-    assert {"figures", "tracking", "paths", "train"} <= executed_modules("evaluate")
-    assert {"ops", "_build", "augment"} <= executed_modules("augment")
-    assert "report" not in executed_modules("prepare")  # cmd_report is not executed by `mlsys prepare`
+    source = "import os\nfrom . import params\n\ndef f():\n    from .files import atomic_path\n    import mlsys.paths\n"
+    assert closure.imported(source) == {"params", "files", "paths"}
+    assert closure.imported("from mlsys import _C, data\n") == {"data"}  # the compiled _C is no file
+    # evaluate imports figures/tracking only inside a function; method two reaches the kernels' build flags
+    assert {"figures", "tracking", "paths", "weights"} <= set(closure.modules("evaluate"))
+    assert {"ops", "_build", "augment"} <= set(closure.modules("mlsys.method2"))
 
 
-def test_stages_depend_on_the_code_they_execute():
+def test_stages_depend_on_exactly_the_code_they_execute():
     all_stages = stages()
     assert set(all_stages) == micro.stages(seeds()), "dvc.yaml's stages are not those of mlsys.paths.stage_name"
-    missing = missing_code_deps(all_stages)
-    assert not missing, "\n".join(missing)
+    errors = code_dep_errors(all_stages)
+    assert not errors, "\n".join(errors)
     for s in seeds():
         deps = all_stages[paths.stage_name("augment", "method2", s)]["deps"]
         assert "csrc" in deps and "setup.py" in deps, f"augment-method2@{s} must depend on csrc and setup.py"
 
 
-def test_missing_dep_is_reported():
-    """The check names the stage and the module when one dep is missing."""
+def test_a_wrong_dep_is_reported_both_ways():
+    """The check names the stage and the module when a dep is missing or one is too many."""
     all_stages = stages()
     name = paths.stage_name("evaluate", "model2", seeds()[0])
     all_stages[name]["deps"].remove("mlsys/tracking.py")
-    assert missing_code_deps(all_stages) == [f"stage {name} executes mlsys/tracking.py but does not depend on it"]
+    all_stages[name]["deps"].append("mlsys/ops.py")
+    assert code_dep_errors(all_stages) == [f"stage {name} executes mlsys/tracking.py but does not depend on it",
+                                           f"stage {name} depends on mlsys/ops.py, which it does not execute"]
+
+
+def test_each_stage_executes_only_what_it_uses():
+    """No training stage holds attack code; method one holds no method-two ops; the CLI and
+    the presets belong to no stage."""
+    every = set().union(*(closure.modules(stage_module(st["cmd"])) for st in stages().values()))
+    assert not {"cli", "__main__", "presets"} & every
+    assert not {"attacks", "robust", "ops", "method1", "method2", "synthetic"} & set(closure.modules("train"))
+    assert not {"ops", "_build", "method2", "robust"} & set(closure.modules("method1"))
+    assert "robust" not in closure.modules("method2") and "robust" not in closure.modules("report")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of mlsys/ -> the mlsys modules it imports, inside functions included."""
+    return {p.stem: closure.imported(p.read_text(), str(p)) - {p.stem} for p in sorted(PKG.glob("*.py"))}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph`` (one path per cycle found by a depth-first search)."""
+    found, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                found.append(path[path.index(d):] + [m, d] if d in path else [m, d])
+            elif d not in state:
+                visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    return found
+
+
+def test_no_import_cycles_in_the_package():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})  # the check finds one
+    assert not cycles({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}})
+    found = cycles(import_graph())
+    assert not found, "import cycles (imports inside functions count): " + "; ".join(" -> ".join(c) for c in found)
 
 
 # --------------------------------------------------------------------------- models and paths
@@ -241,10 +223,10 @@ def refusals(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, P
     """Each bad input run as ``python -m mlsys ...`` (this checkout's code) in its own micro
     folder, all started together (each imports torch and MLflow: ~10 s on a busy 2-core
     machine): name -> (the finished process, its folder, the files there before it ran)."""
-    from mlsys import data
+    from mlsys import data, prepare
     from mlsys.model import build_model
     from mlsys.params import load_params
-    from mlsys.train import save_weights
+    from mlsys.weights import save_weights
 
     tmp = tmp_path_factory.mktemp("refusals")
     cases = {"evaluate-no-clean": (micro_folder(tmp / "a"), ["evaluate", "model1"]),
@@ -258,7 +240,7 @@ def refusals(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, P
                              ["prepare"]),
              "train-seed": (micro_folder(tmp / "f", {"train": {"seed": 3}}), ["prepare"])}
     folder = cases["evaluate-no-weights"][0]
-    data.prepare(load_params(folder / "params.yaml").data, folder / paths.CLEAN, progress=False)
+    prepare.prepare(load_params(folder / "params.yaml").data, folder / paths.CLEAN, progress=False)
     for name in ("evaluate-no-clean", "augment-no-clean"):  # the stages load the weights before the data
         folder = cases[name][0]
         cfg = load_params(folder / "params.yaml").model
@@ -313,16 +295,16 @@ def test_pannuke_nan_is_reported_before_the_split(refusals):
 
 @pytest.mark.slow  # six processes that each load torch and MLflow (~1 min)
 def test_pannuke_too_few_images_for_the_split(refusals):
-    from mlsys import data
+    from mlsys import data, prepare
     from mlsys.params import load_params
 
     ratios = load_params(refusals["pannuke-two"][1] / "params.yaml").data.split
     total = sum(ratios)
     need = next(m for m in range(1, 100) if min(m * ratios[0] // total, m * ratios[1] // total,
                                                 m - m * ratios[0] // total - m * ratios[1] // total) >= 1)
-    data.split_indices(need, ratios)          # enough: one image per split
+    prepare.split_indices(need, ratios)          # enough: one image per split
     with pytest.raises(data.DataError):
-        data.split_indices(need - 1, ratios)  # one fewer: refused
+        prepare.split_indices(need - 1, ratios)  # one fewer: refused
     line = refusal(refusals, "pannuke-two")
     assert "data.split" in line and f"at least {need} images" in line and "hold 2" in line, line
 
@@ -373,3 +355,46 @@ def test_csrc_edit_makes_method_two_refuse_the_stale_build(pipeline, tmp_path):
     assert stage in status, status
     changed = [e["changed deps"] for e in status[stage] if isinstance(e, dict) and "changed deps" in e]
     assert changed and changed[0].get("csrc") == "modified", status[stage]
+
+
+# --------------------------------------------------------------------------- what an edit re-runs
+def changed_stages(repo: Path) -> set[str]:
+    """The stages `dvc status` lists as changed in ``repo``."""
+    return set(json.loads(micro.run(repo, "dvc", "status", "--json").stdout))
+
+
+@pytest.mark.slow
+def test_an_edit_reruns_only_the_stages_that_execute_it(pipeline, tmp_path):
+    """Real edits in a copy of the run micro pipeline, as `dvc status` sees them: a new attack
+    the protocol can select re-runs the evaluate stages and nothing upstream; an edit to the
+    CLI or the paper preset re-runs nothing; an edit to method two's scoring re-runs method
+    two and not method one."""
+    repo = micro.clone(pipeline[0], tmp_path / "repo")
+    evaluate = {n for n in micro.stages(micro.PIPELINE_SEEDS) if n.startswith("evaluate-")}
+    assert changed_stages(repo) == set()
+    robust = repo / "mlsys" / "robust.py"
+    source = robust.read_text()
+    robust.write_text(source.replace('\nATTACKS: dict[str, Attack] = {"pgd": _pgd,', '''
+def _fgsm(model, x, y, eps, steps, alpha, generator, on_step, amp):
+    """One untargeted FGSM step of size eps on the pixel CE (steps and alpha unused)."""
+    return fgsm(model, x, y, eps, targeted=False, amp=amp)
+
+
+ATTACKS: dict[str, Attack] = {"fgsm": _fgsm, "pgd": _pgd,''').replace(
+        "from .attacks import Loss, OnStep,", "from .attacks import Loss, OnStep, fgsm,"))
+    micro.run(repo, sys.executable, "-c", "from mlsys import robust; from mlsys.params import RobustParams; "
+              "robust.check(RobustParams(attacks=['fgsm', 'sea']))")  # a valid choice now
+    assert changed_stages(repo) == evaluate
+    robust.write_text(source)
+
+    with open(repo / "mlsys" / "cli.py", "a") as f:
+        f.write("\n# an edit of the CLI\n")
+    with open(repo / "mlsys" / "presets.py", "a") as f:
+        f.write("\n# an edit of the paper preset\n")
+    assert changed_stages(repo) == set()
+
+    ops = repo / "mlsys" / "ops.py"
+    ops.write_text(ops.read_text().replace('scores = (prob - onehot[None]).abs().mean(dim=(1, 2, 3))',
+                                           'scores = (prob - onehot[None]).abs().mean(dim=(1, 2, 3)) * 1.0'))
+    changed = changed_stages(repo)
+    assert changed == {paths.stage_name("augment", "method2", s) for s in micro.PIPELINE_SEEDS}, changed

@@ -74,10 +74,10 @@ RAW_OF_OURS = [5, 0, 1, 2, 3, 4]  # raw PanNuke channel of our class ids 0..5
 def paper_fold(tmp_path, n: int = 9, size: int = 8):
     """A PanNuke fold written as real .npy files (the importer tests' layout) with many
     void pixels (zero in all six channels) and overlap pixels (two class channels),
-    imported by :func:`mlsys.data.prepare`. Returns (HDF5 path, raw masks (n, H, W, 6))."""
+    imported by :func:`mlsys.prepare.prepare`. Returns (HDF5 path, raw masks (n, H, W, 6))."""
     from test_data import fake_fold, write_fold
 
-    from mlsys import data
+    from mlsys import data, prepare
     from mlsys.params import DataParams
 
     images, masks, types = fake_fold(n, size)
@@ -96,7 +96,7 @@ def paper_fold(tmp_path, n: int = 9, size: int = 8):
             masks[i, ..., k][over & (second == k)] = 77.0
     base = write_fold(tmp_path / "src", 2, images, masks, types)
     out = tmp_path / "clean.h5"
-    data.prepare(DataParams(source="pannuke", pannuke_path=str(base), fold=2, normalise="255"), out,
+    prepare.prepare(DataParams(source="pannuke", pannuke_path=str(base), fold=2, normalise="255"), out,
                  progress=False)
     return out, masks
 
@@ -111,7 +111,7 @@ def authors_counts(prob: np.ndarray, raw: np.ndarray, threshold: float = 0.1) ->
 
 
 def test_channel_bits_follow_the_raw_channels(tmp_path):
-    from mlsys import data
+    from mlsys import data, prepare
 
     out, raw = paper_fold(tmp_path)
     bits = data.load_split(out, "train", channels=True)[2]
@@ -125,7 +125,7 @@ def test_channel_bits_follow_the_raw_channels(tmp_path):
 
 
 def test_paper_variant_equals_the_authors_counts(tmp_path):
-    from mlsys import data
+    from mlsys import data, prepare
 
     out, raw = paper_fold(tmp_path)
     g = torch.Generator().manual_seed(3)
@@ -152,7 +152,7 @@ def test_paper_variant_equals_the_authors_counts(tmp_path):
 
 
 def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
-    from mlsys import data
+    from mlsys import data, prepare
     from mlsys.distributed import ChunkStore
     from mlsys.evaluate import evaluate_split
     from mlsys.metrics import evaluate
@@ -212,7 +212,7 @@ def test_raw_vs_semantic_truth_difference(tmp_path):
     """What the raw-channel truth changes against the semantic one-hot on the fixture
     (numbers quoted in mlsys/evaluate.py's docstring): a void pixel's background
     channel stops being truth, an overlap pixel's second class channel becomes truth."""
-    from mlsys import data
+    from mlsys import data, prepare
 
     out, raw = paper_fold(tmp_path)
     g = torch.Generator().manual_seed(3)

@@ -135,12 +135,12 @@ def test_forward_shapes_on_odd_bases(variant, depth, base):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("variant", "keras", 'model.variant = \'keras\' is invalid; expected "original" or "standard"'),
-    ("init", "he_normal", 'model.init = \'he_normal\' is invalid; expected "glorot" or "he"'),
+    ("variant", "keras", r"model.variant = 'keras' is invalid; expected one of \['original', 'standard'\]"),
+    ("init", "he_normal", r"model.init = 'he_normal' is invalid; expected one of \['glorot', 'he'\]"),
 ])
 def test_unknown_variant_or_init_is_a_params_error(key, value, expected):
     with pytest.raises(ParamsError, match=expected):
-        Params(model=ModelParams(**{key: value})).validate()
+        build_model(ModelParams(**{key: value}))
 
 
 def test_standard_bottleneck_resolution_and_dropout_only_in_up_path():

@@ -99,7 +99,7 @@ def test_champion_is_registered_and_predicts_like_the_dvc_weights(pipeline):
     from micro import store
     from mlsys import data, report
     from mlsys.params import load_params
-    from mlsys.train import load_weights
+    from mlsys.weights import load_weights
 
     repo, _ = pipeline
     best = report.champion(report.mean_evals({s: {m: json.loads((repo / f"metrics/eval/seed{s}/{m}.json").read_text())

@@ -21,10 +21,10 @@ import pytest
 import torch
 import yaml
 
-from mlsys import cli, data
+from mlsys import cli, data, prepare
 from mlsys.model import build_model
 from mlsys.params import DataParams, ModelParams
-from mlsys.train import save_weights
+from mlsys.weights import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"data": {"n_images": 18, "image_size": 16}, "model": {"base": 4, "depth": 2},
@@ -169,10 +169,6 @@ PARAMS = [
      "params: data.split = [6, 1, 2] needs at least 9 images for one image per split; the data hold 4"),
     ("image size the U-Net cannot pool", {"data": {"image_size": 20}, "model": {"depth": 3}},
      "data.image_size = 20 is invalid; expected a positive multiple of 2**model.depth = 8"),
-    ("unknown score", {"augment": {"method2": {"score": "l2"}}}, "augment.method2.score = 'l2' is invalid"),
-    ("unknown select", {"augment": {"method2": {"select": "best"}}}, "augment.method2.select = 'best'"),
-    ("unknown attack mode", {"evaluate": {"attack": {"mode": "fgsm"}}},
-     "evaluate.attack.mode = 'fgsm' is invalid; expected \"faithful\" or \"standard\""),
     ("target class outside", {"evaluate": {"attack": {"target": 6}}}, "evaluate.attack.target = 6"),
     ("epochs a string", {"train": {"epochs": "ten"}}, "train.epochs = 'ten' is invalid; expected an integer"),
     ("amp not a bool", {"train": {"amp": "yes"}}, "train.amp = 'yes' is invalid; expected true or false"),
@@ -183,6 +179,20 @@ PARAMS = [
     ("section not a mapping", {"train": [1, 2]}, "params: train must be a mapping, got list"),
     ("unknown source", {"data": {"source": "kaggle"}}, "data.source = 'kaggle' is invalid"),
     ("paper threshold 1", {"evaluate": {"paper_threshold": 1.5}}, "evaluate.paper_threshold = 1.5"),
+]
+
+# Choices checked by the code that uses them (each stage checks its own when it starts;
+# `mlsys check` runs every stage's check up front, as `make repro` does first)
+CHOICES = [
+    ("unknown score", {"augment": {"method2": {"score": "l2"}}}, "augment.method2.score = 'l2' is invalid"),
+    ("unknown select", {"augment": {"method2": {"select": "best"}}}, "augment.method2.select = 'best'"),
+    ("unknown search", {"augment": {"method2": {"search": "greedy"}}}, "augment.method2.search = 'greedy'"),
+    ("unknown attack mode", {"evaluate": {"attack": {"mode": "fgsm"}}},
+     "evaluate.attack.mode = 'fgsm' is invalid; expected one of ['faithful', 'standard']"),
+    ("unknown method-one mode", {"augment": {"method1": {"mode": "fgsm"}}}, "augment.method1.mode = 'fgsm'"),
+    ("unknown robust attack", {"evaluate": {"robust": {"attacks": ["segpgd", "fab"]}}},
+     "evaluate.robust.attacks = ['segpgd', 'fab'] is invalid; expected distinct names of ['pgd'"),
+    ("unknown variant", {"model": {"variant": "keras"}}, "model.variant = 'keras' is invalid"),
 ]
 
 
@@ -246,6 +256,12 @@ def test_bad_params(project, capsys, case, overrides, expected):
     expect_error(capsys, project, ["prepare"], expected)
 
 
+@pytest.mark.parametrize("case,overrides,expected", CHOICES, ids=[c[0] for c in CHOICES])
+def test_bad_choices_fail_the_check(project, capsys, case, overrides, expected):
+    write_params(project, overrides)
+    expect_error(capsys, project, ["check"], expected)
+
+
 def test_debug_env_shows_the_traceback(project, capsys, monkeypatch):
     write_params(project, {"train": {"epochs": 0}})
     monkeypatch.setenv("MLSYS_DEBUG", "1")
@@ -265,7 +281,7 @@ def prepared(project):
     """The project with a small, valid data/clean.h5."""
     write_params(project, {})
     cfg = DataParams(n_images=18, image_size=16)
-    data.prepare(cfg, project / "data/clean.h5", progress=False)
+    prepare.prepare(cfg, project / "data/clean.h5", progress=False)
     return project
 
 

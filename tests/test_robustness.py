@@ -79,7 +79,7 @@ def test_sigkill_mid_stage_leaves_nothing_dvc_accepts_and_repro_completes(interr
     assert f"method2: resumed {done} of 18 images" in seen["rerun"]
     assert "Data and pipelines are up to date" in seen["status_after"]
     assert not list((repo / "data").glob(".method2.h5.*")), "temporaries and the partial folder are gone"
-    from mlsys import data
+    from mlsys import data, prepare
 
     images, masks = data.load_split(repo / "data/seed0/method2.h5", "train")
     assert images.shape == (18, 3, 16, 16) and masks.shape == (18, 16, 16)
@@ -237,7 +237,7 @@ def test_signal_ends_stage_and_parent_killed(interrupted, sig, code, said):
 CHILD = """
 import sys, time
 from pathlib import Path
-from mlsys.data import atomic_dir, atomic_path
+from mlsys.files import atomic_dir, atomic_path
 dest = Path(sys.argv[1])
 with atomic_dir(dest / "plots") as d, atomic_path(dest / "table.csv") as f:
     (d / "panel.png").write_text("new")
@@ -248,7 +248,7 @@ with atomic_dir(dest / "plots") as d, atomic_path(dest / "table.csv") as f:
 
 
 def test_sigkill_inside_atomic_outputs_keeps_the_old_ones(tmp_path):
-    from mlsys.data import atomic_dir, atomic_path
+    from mlsys.files import atomic_dir, atomic_path
 
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots/panel.png").write_text("old")
@@ -300,18 +300,19 @@ def test_figures_are_written_through_a_temporary(tmp_path):
 
 # --------------------------------------------------------------------------- resume
 def test_method1_resumes_from_its_last_chunk(tmp_path, capsys, one_thread):
-    from mlsys import data
+    from mlsys import data, prepare
     from mlsys.augment import build_set
+    from mlsys.method1 import METHOD as METHOD1
     from mlsys.model import UNet, build_model
     from mlsys.params import AugmentParams, DataParams, Method1Params, ModelParams
 
     clean = tmp_path / "clean.h5"
-    data.prepare(DataParams(n_images=18, image_size=16), clean, progress=False)
+    prepare.prepare(DataParams(n_images=18, image_size=16), clean, progress=False)
     torch.manual_seed(0)
     mcfg = ModelParams(base=4, depth=2)
     model = build_model(mcfg).eval()
     cfg = AugmentParams(method1=Method1Params(steps=2, batch_size=4))
-    build_set("method1", model, clean, tmp_path / "ref.h5", cfg, torch.device("cpu"), {}, progress=False)
+    build_set(METHOD1, model, clean, tmp_path / "ref.h5", cfg, torch.device("cpu"), {}, progress=False)
 
     class Crash(UNet):  # the same weights; dies in the middle of the third chunk
         calls = 0
@@ -326,11 +327,11 @@ def test_method1_resumes_from_its_last_chunk(tmp_path, capsys, one_thread):
     crash.load_state_dict(model.state_dict())
     out = tmp_path / "m1.h5"
     with pytest.raises(KeyboardInterrupt):
-        build_set("method1", crash.eval(), clean, out, cfg, torch.device("cpu"), {}, progress=False)
+        build_set(METHOD1, crash.eval(), clean, out, cfg, torch.device("cpu"), {}, progress=False)
     partial = tmp_path / ".m1.h5.partial"
     assert not out.exists() and sorted(p.name for p in partial.glob("*.npz")) == ["000000.npz", "000001.npz"]
     capsys.readouterr()
-    build_set("method1", model, clean, out, cfg, torch.device("cpu"), {}, progress=False)
+    build_set(METHOD1, model, clean, out, cfg, torch.device("cpu"), {}, progress=False)
     assert "method1: resumed 8 of 12 images" in capsys.readouterr().out
     assert_same_h5(out, tmp_path / "ref.h5")
     assert not partial.exists()
@@ -338,9 +339,9 @@ def test_method1_resumes_from_its_last_chunk(tmp_path, capsys, one_thread):
     # other settings (or another model or data): the finished chunks are not reused
     with pytest.raises(KeyboardInterrupt):
         Crash.calls = 0
-        build_set("method1", crash, clean, out, cfg, torch.device("cpu"), {}, progress=False)
+        build_set(METHOD1, crash, clean, out, cfg, torch.device("cpu"), {}, progress=False)
     other = AugmentParams(method1=Method1Params(steps=2, batch_size=4, eps=0.02))
-    build_set("method1", model, clean, tmp_path / "m1.h5", other, torch.device("cpu"), {}, progress=False)
+    build_set(METHOD1, model, clean, tmp_path / "m1.h5", other, torch.device("cpu"), {}, progress=False)
     assert "resumed" not in capsys.readouterr().out
 
 
@@ -384,7 +385,7 @@ def test_servers_bind_localhost_by_default():
 
 
 def test_a_refused_output_leaves_no_empty_folder(tmp_path):
-    from mlsys.data import atomic_path
+    from mlsys.files import atomic_path
 
     for write_first in (True, False):   # refused half-way, or before anything was written
         with pytest.raises(RuntimeError):

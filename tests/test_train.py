@@ -9,8 +9,9 @@ import torch
 
 from mlsys.model import build_model
 from mlsys.params import ModelParams, Params, ParamsError, TrainParams
-from mlsys.train import (CheckpointError, MODELS, epochs_for, kept_epoch, load_weights, lr_at, save_weights,
-                         train_model)
+from mlsys.params import MODELS
+from mlsys.train import epochs_for, kept_epoch, lr_at, train_model
+from mlsys.weights import CheckpointError, load_weights, save_weights
 
 
 def tiny_data(n=8, size=16, seed=0):
