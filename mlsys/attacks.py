@@ -12,7 +12,7 @@ Iterative attack modes (every result names the one it used):
   of radius ``eps`` around the clean image, clip to [0, 1], optional random start.
 
 Untargeted L-inf attacks as the segmentation-robustness literature runs them
-today (section "Robustness evaluation as the field does it today" of DESIGN.md):
+today (docs/robustness.md):
 - ``segpgd``: PGD on a loss that shifts weight from correctly to wrongly
   classified pixels over the iterations (Gu et al., ECCV 2022).
 - ``cospgd``: PGD on the pixel loss weighted by the cosine similarity of

@@ -18,7 +18,7 @@ from .metrics import SegMetrics, paper_truth, predict
 
 
 # --------------------------------------------------------------------------- the field's protocol
-# (DESIGN.md, "Robustness evaluation as the field does it today"; settings: evaluate.robust)
+# (docs/robustness.md; settings: evaluate.robust)
 def predicted_class(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the classes of logits (N, C, H, W) -> (N, H, W), the first of equals, as
     ``argmax(1)``; which on the CPU is far slower (torch 2.13, 2 threads, (32, 6, 32, 32):
