@@ -1,4 +1,4 @@
-# Two entry points (README): `make repro` runs the experiment, `make test` the tests.
+# Two entry points (README.md): `make repro` runs the experiment, `make test` the tests.
 # Both create .venv on first use and reuse it afterwards.
 #
 # Order matters: torch is installed FIRST and pinned (constraints.txt via
@@ -35,7 +35,7 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# the edit-test loop: everything but the end-to-end pipeline runs (README, "Tests")
+# the edit-test loop: everything but the end-to-end pipeline runs (docs/testing.md)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 

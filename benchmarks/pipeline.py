@@ -13,7 +13,7 @@ randomly initialised U-Net (cost does not depend on the weights):
   method two    mlsys.method2.method_two, C backward + 3^C forward passes (per image)
   screened      (beyond the paper, not in the total) method two with search "screened", screen_k 8
   evaluation    mlsys.attacks.attack_from_params, the 100-step evaluation attack (scaled) + one forward
-Fold 2 (DESIGN.md): 1682 training, 280 validation and 561 test images, 60 epochs, 100 attack
+Fold 2 (docs/data.md): 1682 training, 280 validation and 561 test images, 60 epochs, 100 attack
 steps, four models (models 1-3: 60 epochs on 1682 images; model 4: 20 epochs on 3 x 1682),
 both sets built once per seed, four evaluations per seed. Prints a table, writes JSON under
 benchmarks/results/. Imports neither mlflow nor dvc (GPU machines lack them).

@@ -48,7 +48,7 @@ def launch(nproc: int, relaunch: list[str]) -> None:
     """Re-run this command (the interpreter arguments ``relaunch``, ``-m <module> ...``) under
     ``torchrun --standalone --nproc-per-node nproc`` (this process is replaced) when
     ``nproc`` > 1 and it is not already a torchrun worker.
-    Several machines: start torchrun yourself (README, "Many GPUs and machines")."""
+    Several machines: start torchrun yourself (docs/scale-out.md, "Several machines")."""
     if nproc <= 1 or under_torchrun():
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

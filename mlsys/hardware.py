@@ -4,7 +4,7 @@ settings) that device computes well.
 bf16 autocast is fast only where the hardware has bf16 units: CUDA GPUs with native bf16
 (Ampere and newer) and CPUs with AMX or AVX512-BF16 (recent Xeons). Elsewhere, e.g. on an
 AVX2-only AMD EPYC or a laptop, PyTorch emulates bf16 and the same search runs ~8x slower
-than in fp32 (docs/performance in README, "Fast paths"). ``auto`` settings resolve here,
+than in fp32 (docs/native-ops.md, "Fast paths chosen from the machine"). ``auto`` settings resolve here,
 once per stage, to true or false; the resolved values are what results record (MLflow
 params, metrics JSON, HDF5 provenance, resume fingerprints), while DVC sees ``auto``.
 
@@ -73,7 +73,7 @@ def use_bf16(setting: bool | str, device: torch.device, cpu: bool) -> bool:
 
 def use_channels_last(setting: bool | str, device: torch.device) -> bool:
     """Channels-last (NHWC) inputs: true/false force it; "auto" turns it on for CUDA and
-    for CPUs (measured faster on both CPU kinds for this U-Net in fp32: README, "Fast paths")."""
+    for CPUs (measured faster on both CPU kinds for this U-Net in fp32: docs/native-ops.md)."""
     if setting != AUTO:
         return bool(setting)
     return device.type in ("cuda", "cpu")
@@ -102,7 +102,7 @@ def cpu_name() -> str:
 def machine() -> str:
     """The machine a result came from, in words: CPU model (and GPU when one is used), torch
     version and thread count. CPU results are bit-identical only for the same CPU model and
-    thread count (README, "Reproducibility")."""
+    thread count (docs/reproducibility.md)."""
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu_name()} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 

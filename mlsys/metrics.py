@@ -1,4 +1,4 @@
-"""Segmentation metrics (both variants of DESIGN.md): SegMetrics, and a model's metrics on a
+"""Segmentation metrics (both variants: docs/method.md): SegMetrics, and a model's metrics on a
 batch of images (used in training for validation and by the evaluate stage).
 
 "standard": argmax prediction; per class c, TP/FP/FN pooled over every pixel of the

@@ -1,6 +1,6 @@
 """Fused ops for method two's signed-combination search, and their references.
 
-Method two (DESIGN.md) scores every sign vector s in {-1, 0, +1}^C against the true
+Method two (docs/method.md) scores every sign vector s in {-1, 0, +1}^C against the true
 mask. Candidates are addressed by a base-3 index i in [0, 3^C): digit c of i
 (least significant first) gives the sign of class c's direction,
 digit 0 -> 0, 1 -> +1, 2 -> -1, so index 0 is the clean image itself.

@@ -102,7 +102,8 @@ class AttackParams:
 
 @dataclass
 class RobustParams:
-    """The field's robustness protocol (docs/robustness.md), run beside the paper's attack: per image the worst of ``attacks`` at each radius.
+    """The field's robustness protocol (docs/robustness.md), run beside the paper's attack:
+    per image the worst of ``attacks`` at each radius.
     The default fits the CPU default (at most doubles the evaluate stage on 2 cores); paper
     scale: radii [0.25, 0.5, 1, 2, 4, 8], steps 100-300 (SEA: 300 per loss), ~17-52 GPU-minutes
     per model and seed (the estimate is in params.yaml)."""

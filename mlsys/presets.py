@@ -4,8 +4,8 @@ one."""
 from __future__ import annotations
 
 
-# The paper's experiment as the authors' code runs it (DESIGN.md): every choice their code
-# settles, as `dvc exp run -S` settings over params.yaml (`mlsys paper`, README "Paper scale").
+# The paper's experiment as the authors' code runs it (docs/method.md): every choice their code
+# settles, as `dvc exp run -S` settings over params.yaml (`mlsys paper`, docs/experiments.md).
 PAPER: dict[str, object] = {
     "data.source": "pannuke", "data.fold": 2,            # fold 2: 2523 patches of 256x256
     "data.split": [6, 1, 2], "data.split_seed": 42,      # shuffle seed 42, 6:1:2 -> 1682/280/561
@@ -16,16 +16,16 @@ PAPER: dict[str, object] = {
     "train.lr_decay": 0.1, "train.lr_step": 10, "train.schedule": "keras",  # decay before epoch 0
     "train.keep": "best",                                # ModelCheckpoint(save_best_only) on val_loss
     "train.model4_epoch_fraction": 0.3333333333,
-    "train.amp": True, "train.channels_last": True,      # bf16 and NHWC on CUDA (ignored on CPU)
+    "train.amp": True, "train.channels_last": True,      # bf16 and NHWC in training: CUDA only (ignored on CPU)
     "evaluate.attack.mode": "faithful", "evaluate.attack.steps": 100,  # iterated FGSM, no projection
     "evaluate.attack.eps": 0.01, "evaluate.attack.target": 0,
-    "evaluate.attack.amp": "auto", "evaluate.attack.channels_last": "auto",  # bf16 NHWC attack loops on CUDA
+    "evaluate.attack.amp": "auto", "evaluate.attack.channels_last": "auto",  # bf16 on CUDA (CPU: fp32)
     "augment.method1.mode": "faithful", "augment.method1.steps": 100, "augment.method1.eps": 0.01,
     "augment.method1.amp": "auto", "augment.method1.channels_last": "auto",  # (the field's protocol too)
     "augment.method2.eps": 0.01, "augment.method2.score": "l1", "augment.method2.select": "argmin",
     "augment.method2.search": "exact",                   # all 729 candidates (the paper's search)
     "augment.method2.amp": "auto", "augment.method2.channels_last": "auto",  # bf16 screen, fp32 winner,
-    "augment.method2.compile": True,                     # compiled forwards (DESIGN.md: 0.25 -> 0.15 s)
+    "augment.method2.compile": True,                     # compiled forwards (docs/native-ops.md)
     # beyond the paper: the field's protocol at its usual radii and steps (a GPU job)
     "evaluate.robust.radii": [0.25, 0.5, 1, 2, 4, 8], "evaluate.robust.steps": 100,
 }

@@ -1,6 +1,6 @@
 """The one place that talks to MLflow: tracking URI, pipeline parent runs, stage runs.
 
-Conventions (DESIGN.md, "The system"):
+Conventions (docs/workflows.md, "What every run records"):
 - The tracking URI is always explicit and absolute: ``MLFLOW_TRACKING_URI`` if set,
   else a SQLite file ``mlflow.db`` at the repository root.
 - One parent run per pipeline invocation, one child run per executed stage, named

@@ -37,7 +37,7 @@ def test_architectures_are_those_of_setup_py_and_torch(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", _build.CUDA_ARCHS)
     assert set(_get_cuda_arch_flags([])) == set(_build.gencode_flags())
     assert 'os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS' in (ROOT / "setup.py").read_text()
-    # A100, H100/H200 natively, PTX of the newest for later GPUs (what the README promises)
+    # A100, H100/H200 natively, PTX of the newest for later GPUs (what docs/native-ops.md promises)
     assert cuda_check.expected_archs() == ({"sm_80", "sm_90"}, {"sm_90"})
     listing = ("ELF file    1: _C.1.sm_80.cubin\nELF file    2: _C.2.sm_90.cubin\n"
                "PTX file    1: _C.1.sm_90.ptx\n")

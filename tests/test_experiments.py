@@ -43,7 +43,7 @@ def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):
         run_id = metrics["metrics/report.json"]["data"]["mlflow"]["pipeline_run_id"]
         assert client.get_run(run_id).data.tags["dvc.experiment"] == name
         assert 0 <= metrics["metrics/eval/seed0/model1.json"]["data"]["attack"]["dice"] <= 1
-    # the README's table, as it shows it (its sample output is this command's, from this test)
+    # the table of docs/experiments.md, as it shows it (its sample output is this command's, from this test)
     table = run(repo, "dvc", "exp", "show", "--drop", ".*", "--keep",
                 "Experiment|evaluate.attack.eps|champion.*|.*pipeline_run_id").stdout
     print(table)

@@ -1,4 +1,4 @@
-"""A team's set-up, tested for real (README, "A tracking server for a team"): a throwaway
+"""A team's set-up, tested for real (docs/team.md): a throwaway
 PostgreSQL cluster on 127.0.0.1 is the backend store of `python -m mlsys server`; the micro
 pipeline logs to that server; its DVC outputs are pushed to a shared-directory remote; a
 `git clone` elsewhere pulls them and `dvc repro` there runs nothing."""

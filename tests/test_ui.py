@@ -67,7 +67,7 @@ def test_mlflow_ui_shows_the_four_models(pipeline, artifacts_dir, tmp_path, caps
         dom = browse(runs_view, tmp_path / "p1", shots["training_runs"])
         assert "pipeline 20" in dom and "</strong> matching runs" in dom, f"see {shots['training_runs']}"
 
-        # the README's comparison: the evaluations filtered, sorted by attack/dice, as charts
+        # the comparison of docs/workflows.md: the evaluations filtered, sorted by attack/dice, as charts
         query = urllib.parse.urlencode({"searchFilter": "tags.mlsys.stage = 'evaluate'",
                                         "orderByKey": "metrics.`attack/dice`", "orderByAsc": "false",
                                         "compareRunsMode": "CHART"}, quote_via=urllib.parse.quote)
