@@ -19,7 +19,7 @@ from .metrics import SegMetrics, paper_truth, predict
 from .model import eval_mode
 from .params import MODELS
 from .results import json_clean, radius_key
-from .robust import SEA_LOSSES, SEA_SCHEDULE, _stages, untargeted, worst_case
+from .robust import SEA_LOSSES, SEA_SCHEDULE, _stages, greedy_worst_miou, inverse_frequency, untargeted, worst_case
 from .robust import check as check_attacks
 
 
@@ -127,22 +127,54 @@ def worst_of(states: torch.Tensor) -> torch.Tensor:
 
 
 def _attack_curve(model, images, masks, attack: str, eps: float, steps: int, points: list[int], states,
-                  generator: torch.Generator, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one of the field's attacks: (adversarial batch, per-image states (P, N, S) at points)."""
+                  generator: torch.Generator, amp: bool, weights: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run one of the field's attacks: (adversarial batch, per-image states (P, N, S) at points,
+    and for SEA the per-image states (3, N, S) of each loss's returned image, else None)."""
     if attack == "sea":  # one run per loss; the point at t: per image the worst of the three
         stages = [n for n, _ in _stages(steps, SEA_SCHEDULE)]
         runs = {name: StepStates(points, stages, True, states, masks, valid_from=sum(stages[:-1]))
                 for name in SEA_LOSSES}
-        adv = untargeted(model, images, masks, attack, eps, steps, generator=generator, amp=amp,
+        adv = untargeted(model, images, masks, attack, eps, steps, generator=generator, amp=amp, weights=weights,
                          on_step=lambda name, t, logits: runs[name].on_step(t, logits))
-        return adv, worst_of(torch.stack([runs[n].result(points) for n in SEA_LOSSES]))
+        each = torch.stack([runs[n].result(points) for n in SEA_LOSSES])  # (3, P, N, S)
+        return adv, worst_of(each), each[:, -1]  # the last point is each loss's returned image
     run = StepStates(points, [steps], attack == "apgd", states, masks)
     adv = untargeted(model, images, masks, attack, eps, steps, generator=generator, amp=amp, on_step=run.on_step)
-    return adv, run.result(points)
+    return adv, run.result(points), None
+
+
+def candidates(attacks: list[str]) -> list[str]:
+    """The candidates of the greedy worst-case mIoU: the attacks in order, "sea" as its three
+    runs ("sea/mask-ce-bal", "sea/mask-ce", "sea/js"), as SEA's worse_only.py has them."""
+    return [c for a in attacks for c in ([f"sea/{n}" for n in SEA_LOSSES] if a == "sea" else [a])]
+
+
+def train_class_weights(path: str, n_classes: int) -> tuple[torch.Tensor | None, str]:
+    """Mask-CE-Bal's class weights as SEA fixes them per dataset: ``inverse_frequency`` of
+    the pixel counts of the TRAINING split's masks of the HDF5 file ``path`` (read here, in
+    blocks of masks, so the prepare and train stages are untouched). Returns (weights (C,),
+    where they come from); (None, why) where the file has no or an empty training split:
+    Mask-CE-Bal then weighs each image by its own masks (a fallback, not SEA's rule)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "split/train" not in f or len(f["split/train"]) == 0:
+            return None, f"per-image inverse class frequency (fallback: {path} has no training split)"
+        masks = f["masks"]
+        keep = np.zeros(len(masks), dtype=bool)
+        keep[f["split/train"][:]] = True
+        counts = np.zeros(n_classes, dtype=np.int64)
+        for start in range(0, len(masks), 256):
+            block = masks[start:start + 256][keep[start:start + 256]]
+            counts += np.bincount(block.ravel().astype(np.int64), minlength=n_classes)[:n_classes]
+    return inverse_frequency(torch.from_numpy(counts)), \
+        f"inverse pixel frequency of the train split of {path} ({int(keep.sum())} images), sum 1"
 
 
 def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, bits: torch.Tensor | None,
-                 tissue: torch.Tensor, n_tissues: int, chunk: int, cfg) -> dict[str, np.ndarray]:
+                 tissue: torch.Tensor, n_tissues: int, chunk: int, cfg,
+                 weights: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """The protocol ``cfg.robust`` (EvaluateParams) on one chunk: images (N, 3, H, W) in [0, 1],
     masks (N, H, W), bits as SegMetrics.update takes them, tissue (N,) int64 index of each
     image's tissue (of ``n_tissues``). For every radius r (eps = r / 255) every attack runs
@@ -151,7 +183,9 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     "robust_attack" (R, A, S), "robust_worst" (R, S), "robust_curve" (R, A + 1, P, S) at
     ``curve_points`` (the last row: per image the worst of the attacks at each point; NaN
     where an attack has no point inside the eps-ball, see ``StepStates``),
-    "robust_tissue_clean" (T, S), "robust_tissue_worst" (R, T, S)."""
+    "robust_tissue_clean" (T, S), "robust_tissue_worst" (R, T, S); and per image (not summed)
+    "images_robust" (R, K, N, S) of the ``candidates`` K, for the greedy worst-case mIoU.
+    weights: SEA's class weights (C,) (``train_class_weights``), None for per-image ones."""
     rc, C, thr = cfg.robust, model.head.out_channels, cfg.paper_threshold
     acfg = hardware.resolve(cfg.attack, images.device, bf16_on_cpu=False)  # evaluate.attack's fast paths
     model = fast(model, acfg.channels_last, acfg.compile)
@@ -165,15 +199,16 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
 
     with torch.no_grad(), eval_mode(model):
         out = {"robust_tissue_clean": to_tissue(states(model(images))).numpy()}
-    per_attack, worst, curves, tissue_worst = [], [], [], []
+    per_attack, worst, curves, tissue_worst, each = [], [], [], [], []
     for radius in rc.radii:
-        advs, finals, along = [], [], []
+        advs, finals, along, parts = [], [], [], []
         for attack in rc.attacks:
             g = torch.Generator().manual_seed(robust_seed(chunk, radius, attack))
-            adv, curve = _attack_curve(model, images, masks, attack, radius / 255, rc.steps, points, states, g,
-                                       acfg.amp)
+            adv, curve, runs = _attack_curve(model, images, masks, attack, radius / 255, rc.steps, points, states,
+                                             g, acfg.amp, weights)
             with torch.no_grad(), eval_mode(model):
                 finals.append(states(model(adv)))
+            parts.extend(list(runs) if runs is not None else [finals[-1]])
             advs.append(adv)
             along.append(curve)
         _, _, which = worst_case(model, images, masks, advs)
@@ -183,7 +218,9 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
         worst.append(w.sum(0))
         curves.append(torch.cat([along, worst_of(along)[None]]).sum(2))
         tissue_worst.append(to_tissue(w))
+        each.append(torch.stack(parts))
     out.update(robust_attack=torch.stack(per_attack).numpy(), robust_worst=torch.stack(worst).numpy(),
+               images_robust=torch.stack(each).numpy(),
                robust_curve=torch.stack(curves).numpy(), robust_tissue_worst=torch.stack(tissue_worst).numpy())
     return out
 
@@ -208,6 +245,7 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
     sizes = chunk_sizes(len(split_of(path, split)), cfg.attack.batch_size)
     tissues = split_tissues(path, split) if rc.enabled else []
     paper_points = curve_points(acfg.steps, rc.curve_every)
+    weights, weights_source = train_class_weights(path, C) if rc.enabled else (None, "")
 
     def compute(batch) -> dict[str, np.ndarray]:
         j, images, masks, bits, names = batch  # bits: channel bits, None for a file without /channels
@@ -228,7 +266,7 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
         out.update(clean=clean.state(), attack=attacked.state())
         if rc.enabled:
             ids = torch.tensor([tissues.index(_text(t)) for t in names], dtype=torch.int64)
-            out.update(robust_chunk(model, images, masks, bits, ids, len(tissues), j, cfg))
+            out.update(robust_chunk(model, images, masks, bits, ids, len(tissues), j, cfg, weights))
         if j == 0:
             k = min(cfg.n_panel, len(images))
             out.update(panel_images=images[:k].cpu().numpy(), panel_adv=adv[:k].cpu().numpy(),
@@ -240,17 +278,23 @@ def evaluate_split(model: torch.nn.Module, path: str, split: str, cfg, device: t
     run_chunks(chunks, compute, store, shard, group, sizes, "evaluate", progress)
     if shard.count > 1 or not is_main(group):
         return None
-    clean, attacked, summed = SegMetrics(C, thr), SegMetrics(C, thr), {}
+    clean, attacked, summed, per_image = SegMetrics(C, thr), SegMetrics(C, thr), {}, []
     for j, part in enumerate(store.merged(len(sizes))):
         clean.merge(SegMetrics.from_state(part["clean"], C, thr))
         attacked.merge(SegMetrics.from_state(part["attack"], C, thr))
         for key in part:
             if key.startswith(("robust_", "paper_curve")):
                 summed[key] = summed[key] + part[key] if key in summed else part[key].copy()
+        if "images_robust" in part:
+            per_image.append(part["images_robust"])
         if j == 0:
             panel = tuple(torch.from_numpy(part[k]) for k in ("panel_images", "panel_adv", "panel_masks",
                                                                 "panel_logits"))
-    robust = robust_merge(summed, cfg, tissues, C) if rc.enabled else None
+    robust = None
+    if rc.enabled:
+        robust = robust_merge(summed, cfg, tissues, C, np.concatenate(per_image, axis=2))
+        robust["class_weights"] = None if weights is None else weights.tolist()
+        robust["class_weights_source"] = weights_source
     return clean, attacked, panel, robust
 
 
@@ -258,13 +302,15 @@ def _text(name) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def robust_merge(summed: dict[str, np.ndarray], cfg, tissues: list[str], n_classes: int) -> dict:
+def robust_merge(summed: dict[str, np.ndarray], cfg, tissues: list[str], n_classes: int,
+                 per_image: np.ndarray | None = None) -> dict:
     """The chunks' summed states (``robust_chunk``'s keys and "paper_curve") as SegMetrics:
     {"radii", "attacks", "tissues", "steps" (curve points), "paper_steps",
     "worst": [per radius], "per_attack": {attack: [per radius]},
     "tissue_clean": {tissue: m}, "tissue_worst": {tissue: [per radius]},
     "curves": {attack or "worst": [per radius: [per point, None: no point inside the
-    eps-ball]]}, "paper_curve": [per point]}."""
+    eps-ball]]}, "paper_curve": [per point]}, and with ``per_image`` (R, K, N, S), the
+    chunks' "images_robust" in image order: "worst_miou": [per radius: ``worst_miou``]."""
     rc, thr = cfg.robust, cfg.paper_threshold
 
     def m(vec) -> SegMetrics | None:
@@ -281,7 +327,25 @@ def robust_merge(summed: dict[str, np.ndarray], cfg, tissues: list[str], n_class
                              for i, t in enumerate(tissues)},
             "curves": {a: [[m(v) for v in summed["robust_curve"][r, i]] for r in range(len(radii))]
                        for i, a in enumerate([*rc.attacks, "worst"])},
-            "paper_curve": [m(v) for v in summed["paper_curve"]]}
+            "paper_curve": [m(v) for v in summed["paper_curve"]],
+            **({} if per_image is None else
+               {"worst_miou": [worst_miou(per_image[r], summed["robust_worst"][r], candidates(rc.attacks), n_classes)
+                               for r in range(len(radii))]})}
+
+
+def worst_miou(states: np.ndarray, worst: np.ndarray, names: list[str], n_classes: int) -> dict:
+    """The greedy worst-case mIoU of SEA (``robust.greedy_worst_miou``) from per-image states
+    (K, N, S) of the candidates ``names``, beside the mIoU of the per-image worst case by
+    pixel accuracy (its summed state ``worst`` (S,)); both the mean IoU over all classes whose
+    union is non-zero, background included, as worse_only.py computes it:
+    {"greedy", "by_accuracy", "candidates", "chosen": {candidate: images}, "rounds"}."""
+    C = n_classes
+    tp, fp, fn = (states[..., 3 + i * C:3 + (i + 1) * C] for i in range(3))
+    greedy, chosen, rounds = greedy_worst_miou(tp, tp + fp + fn)
+    wtp, wfp, wfn = (worst[3 + i * C:3 + (i + 1) * C] for i in range(3))
+    union = wtp + wfp + wfn
+    return {"greedy": greedy, "by_accuracy": float(np.mean(wtp[union > 0] / union[union > 0])),
+            "candidates": list(names), "chosen": {c: chosen.count(i) for i, c in enumerate(names)}, "rounds": rounds}
 
 
 def robust_results(robust: dict) -> dict:
@@ -289,7 +353,9 @@ def robust_results(robust: dict) -> dict:
     {"radii", "attacks", "worst": {radius: metrics}, "per_attack": {attack: {radius: metrics}},
     "tissue": {tissue: {"clean": metrics, "worst": {radius: metrics}}},
     "curves": {attack or "worst": {radius: {"steps", "dice", "accuracy"}}},
-    "paper_curve": {"steps", "dice", "accuracy"}}; radius keys as ``radius_key``, NaN -> null."""
+    "paper_curve": {"steps", "dice", "accuracy"}, "worst_miou": {radius: ``worst_miou``},
+    "class_weights": SEA's Mask-CE-Bal weights (C,) or null (per image), "class_weights_source"};
+    radius keys as ``radius_key``, NaN -> null."""
     keys = [radius_key(r) for r in robust["radii"]]
 
     def curve(steps: list[int], ms: list[SegMetrics | None]) -> dict:
@@ -305,7 +371,10 @@ def robust_results(robust: dict) -> dict:
                    for t in robust["tissues"]},
         "curves": {a: {k: curve(robust["steps"], ms) for k, ms in zip(keys, per_r)}
                    for a, per_r in robust["curves"].items()},
-        "paper_curve": curve(robust["paper_steps"], robust["paper_curve"])})
+        "paper_curve": curve(robust["paper_steps"], robust["paper_curve"]),
+        **({"worst_miou": {k: w for k, w in zip(keys, robust["worst_miou"])}} if "worst_miou" in robust else {}),
+        **({"class_weights": robust["class_weights"], "class_weights_source": robust["class_weights_source"]}
+           if "class_weights_source" in robust else {})})
 
 
 # --------------------------------------------------------------------------- the evaluate stage
@@ -378,6 +447,10 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
         if robust is not None:
             res["robust"] = robust_results(robust)
             log_robust(res["robust"])
+            cw = res["robust"].get("class_weights")  # SEA's Mask-CE-Bal weights, as used
+            mlflow.log_param("evaluate.robust.class_weights",
+                             "per-image" if cw is None else "[" + ", ".join(f"{w:.6g}" for w in cw) + "]")
+            mlflow.set_tag("mlsys.class_weights_source", res["robust"].get("class_weights_source", ""))
         with atomic_dir(paths.eval_figures(name, seed)) as figs:  # a DVC out dir: all or nothing
             fig = figures.perturbation_panel(*panel, f"{name} (seed {seed}) under {acfg.mode} attack "
                                                      f"({acfg.steps} steps, eps {acfg.eps}, target class {acfg.target})")
@@ -409,7 +482,8 @@ def _show(v: float | None) -> str:
 def log_robust(section: dict) -> None:
     """The "robust" section of an evaluation JSON into the active MLflow run: worst case per
     radius as ``robust/eps<r>/<metric>``, each attack's as ``robust/<attack>/eps<r>/<metric>``,
-    per tissue ``robust/tissue/<tissue>/{clean,eps<r>}/{dice,accuracy}``, and the curves as
+    per tissue ``robust/tissue/<tissue>/{clean,eps<r>}/{dice,accuracy}``, the worst-case mIoU
+    ``robust/eps<r>/miou_{greedy,by_accuracy}``, and the curves as
     step metrics ``curve/<attack or worst>/eps<r>/{dice,accuracy}`` and ``curve/paper/...``
     with step = t (charts in the MLflow UI). Nulls (no score) are left out."""
     import mlflow
@@ -429,6 +503,8 @@ def log_robust(section: dict) -> None:
         put(flat, f"robust/tissue/{t}/clean", e["clean"], ("accuracy", "dice"))
         for r, m in e["worst"].items():
             put(flat, f"robust/tissue/{t}/eps{r}", m, ("accuracy", "dice"))
+    for r, w in section.get("worst_miou", {}).items():
+        put(flat, f"robust/eps{r}", {"miou_greedy": w["greedy"], "miou_by_accuracy": w["by_accuracy"]})
     mlflow.log_metrics(flat)
     by_step: dict[int, dict[str, float]] = {}
     curves = [(f"curve/{a}/eps{r}", c) for a, per_r in section["curves"].items() for r, c in per_r.items()]

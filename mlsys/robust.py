@@ -5,16 +5,23 @@ the robustness protocol's attacks (``evaluate.robust``; docs/robustness.md):
 - ``cospgd``: PGD on the pixel loss weighted by the cosine similarity of
   softmax(logits) and onehot(y) (Agnihotri & Keuper, ICML 2024).
 - ``apgd``: APGD (Croce & Hein, ICML 2020) with an optional progressive radius
-  schedule; with the SEA losses (``masked_ce``, ``balanced_masked_ce``,
-  ``js_divergence``) and ``sea`` it is SEA-style (Croce, Singh & Hein, 2023).
-- ``worst_case``: per image the candidate with the lowest pixel accuracy.
-Each runs the loop of :mod:`mlsys.attacks` (``signed_steps``) or APGD's own; on_step
+  schedule, with the step-size rules of the authors' code; with the SEA losses
+  (``masked_ce``, ``balanced_masked_ce``, ``js_divergence``) ``sea`` runs SEA
+  (Croce, Singh & Hein, 2023): at 300 steps per loss as they do, below that reduced.
+- ``padam`` (PAdam-CE, PAdam-Cos): projected AMSGrad-Adam on the CE or the cosine
+  distance of logits and one-hot truth (Halmosi, Mohos & Jelasity, ECCV 2024).
+- ``worst_case``: per image the candidate with the lowest pixel accuracy;
+  ``greedy_worst_miou``: SEA's greedy worst case of the dataset's mIoU.
+Each runs the loop of :mod:`mlsys.attacks` (``signed_steps``) or its own (APGD, PAdam); on_step
 as there. Only the evaluate stage imports this module: a new attack re-runs nothing else.
 """
 from __future__ import annotations
 
+import math
+import random
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -82,20 +89,29 @@ def masked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _image_mean(correct * _pixel_ce(logits, y))
 
 
-def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Inverse class frequency of masks y (N, H, W), normalised to sum 1 over the
-    classes present (absent classes 0): (n_classes,). SEA precomputes these on the
-    dataset (its VOC weights give background 0.0007)."""
-    count = torch.bincount(y.flatten(), minlength=n_classes).double()
+def inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
+    """Class weights from pixel counts (C,): 1 / count, normalised to sum 1 over the
+    classes counted (classes with no pixel get 0), float32 (C,). SEA's ``VOC_WTS``
+    (nmndeep/Robust-Segmentation ``semseg/utils/utils.py``) are these for Pascal VOC's
+    training masks: background 0.0007, the 21 summing to 1."""
+    count = counts.double()
     w = torch.where(count > 0, 1.0 / count.clamp(min=1), torch.zeros_like(count))
+    if not w.sum() > 0:
+        raise ValueError("class weights need at least one pixel counted, got none")
     return (w / w.sum()).float()
+
+
+def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``inverse_frequency`` of the pixels of masks y (N, H, W): (n_classes,)."""
+    return inverse_frequency(torch.bincount(y.flatten(), minlength=n_classes))
 
 
 def balanced_masked_ce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """SEA's Mask-CE-Bal: masked CE with pixel j weighted by weights[y_j] (N,).
-    weights: (C,) shared by all images (SEA: dataset frequencies, ``class_weights``
-    of the training masks), or None: each image's own ``class_weights`` (so that an
-    image's attack does not depend on the rest of its batch)."""
+    weights: (C,) shared by all images -- SEA's: fixed per dataset, ``inverse_frequency``
+    of the training split's pixel counts (the evaluate stage passes those) -- or None:
+    each image's own ``class_weights``, a fallback only for data with no training split
+    (not SEA's rule; an image's attack then still does not depend on its batch)."""
     n, c = logits.shape[:2]
     if weights is None:
         w = torch.stack([class_weights(y[i], c) for i in range(n)]).to(logits.device)  # (N, C)
@@ -169,14 +185,20 @@ SEA_SCHEDULE = ((0.3, 2.0), (0.3, 1.5), (0.4, 1.0))
 
 
 def apgd_checkpoints(n_iter: int) -> list[int]:
-    """APGD's checkpoints w_j = ceil(p_j * n_iter) in 1..n_iter (Croce & Hein 2020):
-    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), p_j < 1.
-    Kept in hundredths so that 0.41 * 100 is 41, not 41.000000000000004."""
-    p, out = [0, 22], []
-    while p[-1] < 100:
-        out.append(-(-p[-1] * n_iter // 100))
-        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
-    return sorted({w for w in out if 1 <= w <= n_iter})
+    """The update counts at which APGD checks its step size, as the authors' code counts
+    them (fra31/auto-attack ``autopgd_base.py`` and nmndeep/Robust-Segmentation
+    ``semseg/attacker.py`` ``apgd_train``): integer windows, the first
+    k = max(int(0.22 n), 1), each next one k <- max(k - max(int(0.03 n), 1), max(int(0.06 n), 1)),
+    a checkpoint wherever a window ends at or before update n. ``int`` of the same float
+    products as there (0.22 * 100 is 22.000000000000004, int 22)."""
+    k = max(int(0.22 * n_iter), 1)
+    decrease, smallest = max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    out, w = [], 0
+    while w + k <= n_iter:
+        w += k
+        out.append(w)
+        k = max(k - decrease, smallest)
+    return out
 
 
 def _stages(steps: int, schedule: Sequence[tuple[float, float]]) -> list[tuple[int, float]]:
@@ -197,7 +219,7 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
          schedule: Sequence[tuple[float, float]] = ((1.0, 1.0),), momentum: float = 0.75, rho: float = 0.75,
          random_start: bool = False, generator: torch.Generator | None = None, on_step: OnStep | None = None,
          amp: bool = False, return_trace: bool = False):
-    """APGD (Croce & Hein, ICML 2020), untargeted L-inf, for segmentation as SEA runs it.
+    """APGD (Croce & Hein, ICML 2020), untargeted L-inf, as SEA's code runs it.
 
     x: (N, 3, H, W) float in [0, 1]; y: (N, H, W) int64 true classes; eps: final
     L-inf radius; steps: updates in all. loss_fn(logits, y) -> (N,) is maximised
@@ -206,25 +228,32 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
     the step size and the restarts (SEA tracks plain CE, ``image_ce``).
 
     schedule: (share of steps, radius / eps) per stage; ``SEA_SCHEDULE`` runs 30% of
-    the steps at 2 eps, 30% at 1.5 eps, 40% at eps. Each stage is one APGD run: it
-    starts from the previous stage's result projected onto its ball (the first from
-    x, or x + U(-r, r) with random_start), with step eta = 2r, and per image
+    the steps at 2 eps, 30% at 1.5 eps, 40% at eps (``apgd_largereps``). Each stage is
+    one run of the authors' ``apgd_train``: it starts from the previous stage's result
+    projected onto its ball (the first from x, or x + U(-r, r) with random_start), with
+    step eta = 2r, and per image
       z = P(x_k + eta sign(grad)),  x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))
-    (a = momentum = 0.75; the first update of a stage is z). At each checkpoint w_j
-    (``apgd_checkpoints``) eta halves for an image when
-      1. fewer than rho * (w_j - w_{j-1}) of the updates since w_{j-1} raised its loss, or
-      2. its eta was not halved at w_{j-1} and its best loss did not grow since,
-    and that image restarts from its best-loss point (with that point's gradient and
-    no momentum). A stage's result is, per image, its iterate with the LOWEST pixel
-    accuracy (later ones win ties), as SEA keeps; the last stage's result is returned:
-    (N, 3, H, W), ||adv - x||_inf <= eps, in [0, 1].
-
-    Where this follows the paper rather than the authors' code (fra31/auto-attack,
-    nmndeep/Robust-Segmentation): checkpoints are ceil(p_j * n) (the code counts
-    int(0.22 n) then shrinks by int(0.03 n)); condition 1 is a strict "fewer than"
-    (the code halves at <=); condition 2 also applies at the first checkpoint (the
-    code skips it there); after a restart the momentum term is zero (the code keeps
-    the jump). SEA's early stop (all pixels fooled) is left out, for full curves.
+    (a = momentum = 0.75, a = 1 on a stage's first update). The step-size rules are the
+    code's (nmndeep/Robust-Segmentation ``semseg/attacker.py``: ``check_oscillation`` and
+    the ``counter3 == k`` block of ``apgd_train``; fra31/auto-attack ``autopgd_base.py``
+    the same), each verified there:
+      - checkpoints: ``apgd_checkpoints`` (integer windows k, shrinking);
+      - condition 1: over the window's k updates, count those whose tracked loss rose
+        (f_{i} > f_{i-1}, strict) and halve where count <= rho * k. The code keeps the
+        losses in a zero-filled buffer and the first window's first comparison reads its
+        index -1, an entry not yet written: update 1 is compared with 0, not with the
+        start's loss (with a single update it reads itself: never a rise);
+      - condition 2: halve where the last check did not halve and the best loss did not
+        grow since it (f_best_last >= f_best); skipped at the first checkpoint (the code
+        starts its "halved last time" flags at 1);
+      - a halving restarts the image at its best-loss point with that point's gradient;
+        the previous iterate, and so the momentum term (x_best - x_{k-1}) of the next
+        update, and the loss the next update is compared with (the pre-restart one) are
+        left as they were.
+    A stage's result is, per image, its iterate with the LOWEST pixel accuracy (later
+    ones win ties), as SEA keeps; the last stage's result is returned: (N, 3, H, W),
+    ||adv - x||_inf <= eps, in [0, 1]. SEA's early stop (the whole batch at accuracy 0)
+    is left out: it makes an image's result depend on its batch, and curves need every step.
 
     Cost: ``steps`` backward passes and steps + len(schedule) forwards (each stage
     evaluates its start). on_step(t, logits) sees every forward in order, t = 0 ..
@@ -266,14 +295,19 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
             best, f_best = cur.clone(), f.clone()                            # highest tracked loss so far
             g_best = None if grad is None else grad.clone()
             eta = torch.full(shape, 2 * r, device=x0.device)
-            prev, f_prev = cur, f
-            checks = set(apgd_checkpoints(n_iter))
-            w_last, eta_last, f_best_last = 0, eta.clone(), f_best.clone()   # values at w_{j-1}
+            prev = cur
+            # the loss update 1 is compared with: the code's unwritten buffer entry (0), or
+            # update 1's own loss where the buffer has one entry (never a rise: +inf here)
+            f_prev = torch.full_like(f, math.inf if n_iter == 1 else 0.0)
+            checks = apgd_checkpoints(n_iter)
+            w_last = 0
+            halved_last = torch.ones(n, dtype=torch.bool, device=x0.device)  # no condition 2 at the first check
+            f_best_last = f_best.clone()
             raised = torch.zeros(n, device=x0.device)                        # updates that raised the loss
             for k in range(n_iter):
                 z = project(cur + eta * grad.sign())
-                nxt = z if k == 0 else project(cur + momentum * (z - cur) + (1 - momentum) * (cur - prev))
-                prev, cur = cur, nxt.detach()
+                a = 1.0 if k == 0 else momentum  # the code's formula at k = 0 too: cur + (z - cur) may not be z
+                prev, cur = cur, project(cur + a * (z - cur) + (1 - a) * (cur - prev)).detach()
                 trace["eta"].append(eta.flatten().clone())
                 trace["radius"].append(r)
                 logits, grad, f = look(cur, grad=k < n_iter - 1)  # the last update needs no gradient
@@ -288,16 +322,14 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
                     g_best[up] = grad[up]
                 if k + 1 in checks:
                     trace["checkpoints"].append(done + k + 1)
-                    halve = (raised < rho * (k + 1 - w_last)) | (
-                        (eta == eta_last).flatten() & (f_best == f_best_last))
-                    w_last, eta_last, f_best_last = k + 1, eta.clone(), f_best.clone()
+                    window = k + 1 - w_last
+                    halve = (raised <= rho * window) | (~halved_last & (f_best_last >= f_best))
+                    w_last, halved_last, f_best_last = k + 1, halve, f_best.clone()
                     raised.zero_()
                     if halve.any():
                         h = halve.view(shape)
                         eta = torch.where(h, eta / 2, eta)
-                        cur = torch.where(h, best, cur)
-                        prev = torch.where(h, best, prev)  # no momentum across a restart
-                        f_prev = torch.where(halve, f_best, f_prev)
+                        cur = torch.where(h, best, cur)  # prev and f_prev stay: the code keeps them
                         if grad is not None:
                             grad = torch.where(h, g_best, grad)
             start = low
@@ -339,15 +371,20 @@ def sea(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
         weights: torch.Tensor | None = None, random_start: bool = True, generator: torch.Generator | None = None,
         on_step: Callable[[str, int, torch.Tensor], None] | None = None,
         amp: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SEA (Croce, Singh & Hein 2023): APGD with the progressive radius schedule, once
-    per loss of ``SEA_LOSSES`` (Mask-CE-Bal with class ``weights`` (C,) or per-image
-    ones, Mask-CE, JS), plain CE tracked, then the worst case per image.
+    """SEA (Croce, Singh & Hein 2023): ``apgd`` (the authors' step-size rules) with the
+    progressive radius schedule, once per loss of ``SEA_LOSSES`` (Mask-CE-Bal with the
+    dataset's class ``weights`` (C,), Mask-CE, JS), plain CE tracked, then the worst case
+    per image by pixel accuracy (``worst_case``; the greedy worst-case mIoU over the same
+    runs is ``greedy_worst_miou``).
 
-    x: (N, 3, H, W) in [0, 1]; y: (N, H, W) int64; eps: L-inf radius; steps: per loss
-    (SEA: 300). random_start as the authors' inference script (a uniform start in
-    the first stage's ball, from ``generator``, drawn anew for each loss).
-    on_step(loss name, t, logits) as in ``apgd``. Returns ``worst_case``'s
-    (adv, accuracy (N,), which (N,) index into SEA_LOSSES)."""
+    x: (N, 3, H, W) in [0, 1]; y: (N, H, W) int64; eps: L-inf radius; steps: per loss.
+    SEA is 300 steps per loss (``tools/infer.py``: "do not change"); with fewer this is
+    "SEA-style, N steps (reduced)", not SEA's result. weights None: per-image weights, a
+    fallback where there is no training split (``balanced_masked_ce``). random_start as
+    the authors' inference script (a uniform start in the first stage's ball, from
+    ``generator``, drawn anew for each loss). on_step(loss name, t, logits) as in
+    ``apgd``. Returns ``worst_case``'s (adv, accuracy (N,), which (N,) index into
+    SEA_LOSSES)."""
     losses = {"mask-ce-bal": lambda logits, t: balanced_masked_ce(logits, t, weights),
               "mask-ce": masked_ce, "js": js_divergence}
     candidates = []
@@ -359,34 +396,159 @@ def sea(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
     return worst_case(model, x, y, candidates, amp=amp)
 
 
+def _miou(inter: np.ndarray, union: np.ndarray) -> float:
+    """Mean of inter / union over the classes with union > 0 (``worse_only._compute_miou``)."""
+    present = union > 0
+    return float(np.mean(inter[present] / union[present]))
+
+
+def greedy_worst_miou(inter: np.ndarray, union: np.ndarray, rounds: int = 1000,
+                      seed: int = 225) -> tuple[float, list[int], int]:
+    """The worst-case mIoU over candidate attacks as SEA computes it
+    (nmndeep/Robust-Segmentation ``tools/worse_only.py``, ``worst_case_miou``): a greedy
+    search for the assignment of one candidate per image that minimises the DATASET's mIoU
+    (which per-image choices by accuracy do not).
+
+    inter, union: (K, N, C) per candidate, image and class: pixels of the class predicted
+    right, and |true or predicted| of the class. Every image starts at candidate 0 (SEA:
+    Mask-CE-Bal). Each round visits the images in an order shuffled by Python's
+    ``random.Random(seed)`` (the authors' module seeds ``random`` with 225 and shuffles with
+    it; their order matches ours only where nothing else drew from that state first); for
+    an image, each candidate k = 0..K-1 in turn is taken when the mIoU with it, over the
+    classes whose running union is non-zero (denominator + 1e-8), is below the mIoU as it
+    stood when the image's turn began (not the best so far: a later candidate below that
+    value replaces an earlier one, as there). Rounds stop when one lowers the mIoU by at
+    most 1e-6, or after ``rounds``. The running counts stay one vector per class (the
+    authors' lists drop classes of zero union, which shifts the classes after them; the
+    two agree wherever every class occurs). Returns (mIoU, chosen candidate per image,
+    rounds run)."""
+    inter, union = np.asarray(inter, np.float64), np.asarray(union, np.float64)
+    if inter.ndim != 3 or inter.shape != union.shape or inter.shape[0] < 1:
+        raise ValueError(f"intersections {inter.shape} and unions {union.shape} are not both (K >= 1, N, C)")
+    k_all, n, _ = inter.shape
+    chosen = [0] * n
+    run_i, run_u = inter[0].sum(0), union[0].sum(0)
+    final = _miou(run_i, run_u)
+    rng, prev_best, done = random.Random(seed), 10.0, 0
+    for _ in range(rounds):
+        done += 1
+        order = list(range(n))
+        rng.shuffle(order)
+        for idx in order:
+            for k in range(k_all):
+                new_i = run_i + inter[k, idx] - inter[chosen[idx], idx]
+                new_u = run_u + union[k, idx] - union[chosen[idx], idx]
+                kept = run_u != 0
+                est = float(np.mean(new_i[kept] / (new_u[kept] + 1e-8)))
+                if est < final:
+                    chosen[idx], run_i, run_u = k, new_i, new_u
+            final = _miou(run_i, run_u)
+        if prev_best - final <= 1e-6:
+            break
+        prev_best = final
+    return final, chosen, done
+
+
+# --------------------------------------------------------------------------- PAdam (Halmosi et al.)
+def cosine_distance(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PAdam-Cos's loss: 1 - cos(logits, onehot(y)) per pixel, over the class axis of the
+    raw LOGITS (not softmax, as szegedai/Robust-Segmentation-Evaluation ``rse/__init__.py``
+    writes it), mean per image (N,)."""
+    onehot = F.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2).float()
+    return _image_mean(1 - F.cosine_similarity(logits.float(), onehot, dim=1))
+
+
+# The settings of RSE's build_attacks: Adam's step 2/255 whatever the radius; 200 iterations
+PADAM_LR = 2 / 255
+PADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which RSE keeps
+PADAM_EPS = 1e-8
+
+
+def padam(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 200, *,
+          loss_fn: Loss = image_ce, lr: float = PADAM_LR, random_start: bool = True,
+          generator: torch.Generator | None = None, on_step: OnStep | None = None,
+          amp: bool = False) -> torch.Tensor:
+    """PAdam (Halmosi, Mohos & Jelasity, ECCV 2024), as ``padam`` in
+    szegedai/Robust-Segmentation-Evaluation ``rse/attacks.py``: projected Adam ascent on the
+    perturbation delta, no step-size tuning.
+
+    x: (N, 3, H, W) in [0, 1]; y: (N, H, W) int64; eps: L-inf radius; steps: iterations
+    (RSE: 200). delta starts at U(-eps, eps) clipped so x + delta is in [0, 1] (from
+    ``generator``), or 0 without random_start; then per iteration t = 1..steps, with
+    g = grad_delta loss_fn(model(x + delta), y) (maximised):
+      m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,  v_max = max(v_max, v)   (AMSGrad)
+      delta += lr / (1 - b1^t) * m / (sqrt(v_max) / sqrt(1 - b2^t) + 1e-8)
+      delta = clip(delta, -eps, eps);  delta = clip(x + delta, 0, 1) - x
+    -- torch.optim.Adam(lr=2/255, amsgrad=True, maximize=True) as RSE builds it, written
+    out. RSE takes the mean of the loss over the whole batch; here each image's own loss
+    (``image_ce``: PAdam-CE, ``cosine_distance``: PAdam-Cos), so an image's result does
+    not depend on its batch (Adam is scale-free but for its 1e-8). Returns the last
+    iterate x + delta (N, 3, H, W), ||delta||_inf <= eps, in [0, 1]. on_step as in
+    ``signed_steps``: the logits of each gradient forward, then one of the returned image."""
+    _check_attack(x, y, eps, steps)
+    if not lr > 0:
+        raise ValueError(f"PAdam step lr={lr} is not positive")
+    x0 = x.detach()
+    delta = (uniform_start(x0, eps, generator) if random_start else x0.clone()) - x0
+    m, v, v_max = torch.zeros_like(x0), torch.zeros_like(x0), torch.zeros_like(x0)
+    (b1, b2), tiny = PADAM_BETAS, PADAM_EPS
+    with eval_mode(model):
+        for t in range(1, steps + 1):
+            logits, g = logits_and_grad(model, x0 + delta, lambda out: loss_fn(out, y), amp)
+            if on_step is not None:
+                on_step(t - 1, logits)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            v_max = torch.maximum(v_max, v)
+            denom = v_max.sqrt() / math.sqrt(1 - b2 ** t) + tiny
+            delta = delta + (lr / (1 - b1 ** t)) * m / denom
+            delta = delta.clamp(-eps, eps)
+            delta = ((x0 + delta).clamp(0, 1) - x0).detach()
+        adv = x0 + delta
+        if on_step is not None:
+            on_step(steps, logits_and_grad(model, adv, None, amp, grad=False)[0])
+    return adv
+
+
 # --------------------------------------------------------------------------- the protocol's attacks
-Attack = Callable[..., torch.Tensor]  # (model, x, y, eps, steps, alpha, generator, on_step, amp) -> adv
+# (model, x, y, eps, steps, alpha, generator, on_step, amp, weights) -> adv; weights: the
+# dataset's class weights (C,) or None, used by SEA's Mask-CE-Bal only
+Attack = Callable[..., torch.Tensor]
 
 
-def _pgd(model, x, y, eps, steps, alpha, generator, on_step, amp):
+def _pgd(model, x, y, eps, steps, alpha, generator, on_step, amp, weights):
     return pgd(model, x, y, mode="standard", eps=eps, alpha=alpha, steps=steps, targeted=False,
                random_start=True, generator=generator, on_step=on_step, amp=amp)
 
 
-def _segpgd(model, x, y, eps, steps, alpha, generator, on_step, amp):
+def _segpgd(model, x, y, eps, steps, alpha, generator, on_step, amp, weights):
     return segpgd(model, x, y, eps, alpha, steps, generator=generator, on_step=on_step, amp=amp)
 
 
-def _cospgd(model, x, y, eps, steps, alpha, generator, on_step, amp):
+def _cospgd(model, x, y, eps, steps, alpha, generator, on_step, amp, weights):
     return cospgd(model, x, y, eps, alpha, steps, generator=generator, on_step=on_step, amp=amp)
 
 
-def _apgd(model, x, y, eps, steps, alpha, generator, on_step, amp):
+def _apgd(model, x, y, eps, steps, alpha, generator, on_step, amp, weights):
     return apgd(model, x, y, eps, steps, generator=generator, on_step=on_step, amp=amp)
 
 
-def _sea(model, x, y, eps, steps, alpha, generator, on_step, amp):
-    return sea(model, x, y, eps, steps, generator=generator, on_step=on_step, amp=amp)[0]
+def _sea(model, x, y, eps, steps, alpha, generator, on_step, amp, weights):
+    return sea(model, x, y, eps, steps, weights=weights, generator=generator, on_step=on_step, amp=amp)[0]
+
+
+def _padam_ce(model, x, y, eps, steps, alpha, generator, on_step, amp, weights):
+    return padam(model, x, y, eps, steps, loss_fn=image_ce, generator=generator, on_step=on_step, amp=amp)
+
+
+def _padam_cos(model, x, y, eps, steps, alpha, generator, on_step, amp, weights):
+    return padam(model, x, y, eps, steps, loss_fn=cosine_distance, generator=generator, on_step=on_step, amp=amp)
 
 
 # The attacks ``evaluate.robust.attacks`` can name: adding one here (with its function) makes
 # it a valid choice and re-runs the evaluate stages only (this module is theirs alone).
-ATTACKS: dict[str, Attack] = {"pgd": _pgd, "segpgd": _segpgd, "cospgd": _cospgd, "apgd": _apgd, "sea": _sea}
+ATTACKS: dict[str, Attack] = {"pgd": _pgd, "segpgd": _segpgd, "cospgd": _cospgd, "apgd": _apgd, "sea": _sea,
+                              "padam-ce": _padam_ce, "padam-cos": _padam_cos}
 
 
 def check(cfg: RobustParams) -> None:
@@ -399,12 +561,16 @@ def check(cfg: RobustParams) -> None:
 
 def untargeted(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float, steps: int, *,
                alpha: float | None = None, generator: torch.Generator | None = None,
-               on_step: OnStep | None = None, amp: bool = False) -> torch.Tensor:
+               on_step: OnStep | None = None, amp: bool = False,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """One of :data:`ATTACKS` on true masks y at L-inf radius eps; returns the
     adversarial batch. "pgd": standard PGD on the pixel CE with a random start;
     "segpgd", "cospgd": as named; the three take alpha (default eps / 4). "apgd":
     APGD on the CE, one radius; "sea": the worst case of SEA's three runs (on_step
-    gets (loss name, t, logits) there). Random starts come from ``generator``."""
+    gets (loss name, t, logits) there; ``weights``: Mask-CE-Bal's class weights (C,),
+    None for per-image ones); "padam-ce", "padam-cos": PAdam with RSE's step 2/255.
+    Random starts come from ``generator``."""
     if attack not in ATTACKS:
         raise ValueError(f"attack {attack!r} is not one of {tuple(ATTACKS)}")
-    return ATTACKS[attack](model, x, y, eps, steps, alpha if alpha is not None else eps / 4, generator, on_step, amp)
+    return ATTACKS[attack](model, x, y, eps, steps, alpha if alpha is not None else eps / 4, generator, on_step, amp,
+                           weights)

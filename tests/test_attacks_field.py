@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mlsys.attacks import pgd
-from mlsys.robust import SEA_SCHEDULE, apgd, apgd_checkpoints, balanced_masked_ce, cospgd, cospgd_loss, image_ce, js_divergence, masked_ce, sea, segpgd, segpgd_loss, untargeted, worst_case
+from mlsys.robust import SEA_SCHEDULE, apgd, apgd_checkpoints, balanced_masked_ce, cosine_distance, cospgd, cospgd_loss, greedy_worst_miou, image_ce, inverse_frequency, js_divergence, masked_ce, padam, sea, segpgd, segpgd_loss, untargeted, worst_case
 from mlsys.model import UNet
 
 SIZE, CLASSES = 16, 6
@@ -90,20 +91,28 @@ def cospgd_weights(logits, y, paper_t, T):
     return p_y / p.pow(2).sum(1).sqrt()
 
 
-def paper_checkpoints(n_iter):
-    """w_j = ceil(p_j N) for p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
-    ps = [0.0, 0.22]
-    while ps[-1] < 1 - 1e-9:
-        ps.append(ps[-1] + max(ps[-1] - ps[-2] - 0.03, 0.06))
-    return {math.ceil(round(p * n_iter, 6)) for p in ps[1:-1]} - {0}
+def code_checkpoints(n_iter):
+    """The update counts at which the authors' apgd_train checks its step, written as their
+    loop runs: counter3 += 1 after each update; at counter3 == k a check, then counter3 = 0
+    and k = max(k - size_decr, n_iter_min)."""
+    k, n_min, decr = max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+    counter, out = 0, []
+    for i in range(n_iter):
+        counter += 1
+        if counter == k:
+            out.append(i + 1)
+            counter, k = 0, max(k - decr, n_min)
+    return out
 
 
 def reference_apgd_one(model, x, y, eps, stages, attack_loss, tracked_loss, start):
-    """APGD for ONE image x (1, 3, H, W), stage by stage (radius, iterations), from
-    Croce & Hein 2020: momentum 0.75, eta_0 = 2r, halving when fewer than 0.75 of the
-    updates since the last checkpoint raised the loss, or when the last checkpoint did
-    not halve and the best loss did not grow; then restart at the best point. Keeps
-    the lowest-accuracy iterate; the next stage starts from it, projected."""
+    """APGD for ONE image x (1, 3, H, W), stage by stage (radius, iterations), written after
+    apgd_train of nmndeep/Robust-Segmentation (semseg/attacker.py) line by line: a zero
+    loss buffer ``loss_steps`` read by check_oscillation (index -1 wraps, as in torch), the
+    step halved where the rises in the window are <= 0.75 k or (not reduced at the last
+    check and loss_best_last_check >= loss_best; reduced_last_check starts at 1), the
+    restart x_adv <- x_best, grad <- grad_best with x_adv_old untouched, a = 1 then 0.75.
+    Keeps the lowest-accuracy iterate (x_best_adv); the next stage starts from it, projected."""
     def evaluate(z, need_grad):
         zr = z.clone().requires_grad_(need_grad)
         with torch.set_grad_enabled(need_grad):
@@ -116,42 +125,51 @@ def reference_apgd_one(model, x, y, eps, stages, attack_loss, tracked_loss, star
     etas = []
     for r, n_iter in stages:
         def proj(z):
-            return torch.clamp(z, x - r, x + r).clamp(0, 1)
+            return torch.clamp(torch.min(torch.max(z, x - r), x + r), 0.0, 1.0)
 
-        cur = proj(point)
-        g, f, acc = evaluate(cur, n_iter > 0)
-        low, low_acc = cur, acc
-        best, f_best, g_best = cur, f, g
-        eta, prev, f_prev = 2 * r, cur, f
-        last_w, halved_last, f_best_last, n_up = 0, False, f, 0
-        checks = paper_checkpoints(n_iter)
-        for k in range(n_iter):
-            z = proj(cur + eta * g.sign())
-            new = z if k == 0 else proj(cur + 0.75 * (z - cur) + 0.25 * (cur - prev))
-            prev, cur = cur, new
-            etas.append(eta)
-            g, f, acc = evaluate(cur, k < n_iter - 1)
-            n_up += f > f_prev
-            f_prev = f
-            if acc <= low_acc:
-                low, low_acc = cur, acc
-            if f > f_best:
-                best, f_best, g_best = cur, f, g
-            if k + 1 in checks:
-                cond1 = n_up < 0.75 * (k + 1 - last_w)
-                cond2 = not halved_last and f_best == f_best_last
-                halved_last = cond1 or cond2
-                last_w, f_best_last, n_up = k + 1, f_best, 0
-                if halved_last:
-                    eta = eta / 2
-                    cur = prev = best
-                    g, f_prev = g_best, f_best
-        point = low
+        x_adv = proj(point)
+        grad, loss_best, acc = evaluate(x_adv, n_iter > 0)
+        x_best_adv, x_best, grad_best = x_adv, x_adv, grad
+        step = 2.0 * r
+        k = max(int(0.22 * n_iter), 1)
+        n_min, decr = max(int(0.06 * n_iter), 1), max(int(0.03 * n_iter), 1)
+        loss_steps = [0.0] * n_iter
+        counter3, reduced_last_check, loss_best_last_check = 0, True, loss_best
+        x_adv_old = x_adv
+        for i in range(n_iter):
+            grad2 = x_adv - x_adv_old
+            x_adv_old = x_adv
+            a = 0.75 if i > 0 else 1.0
+            x_adv_1 = proj(x_adv + step * torch.sign(grad))
+            x_adv = proj(x_adv + (x_adv_1 - x_adv) * a + grad2 * (1 - a))
+            etas.append(step)
+            g, y1, avg_acc = evaluate(x_adv, i < n_iter - 1)
+            if g is not None:
+                grad = g
+            if avg_acc <= acc:
+                x_best_adv = x_adv
+            acc = min(acc, avg_acc)
+            loss_steps[i] = y1
+            if y1 > loss_best:
+                x_best, grad_best, loss_best = x_adv, grad, y1
+            counter3 += 1
+            if counter3 == k:
+                t = sum(float(loss_steps[i - c] > loss_steps[i - c - 1]) for c in range(k))
+                fl_osc = t <= k * 0.75
+                fl_no_impr = (not reduced_last_check) and loss_best_last_check >= loss_best
+                reduced_last_check = fl_osc or fl_no_impr
+                loss_best_last_check = loss_best
+                if reduced_last_check:
+                    step /= 2.0
+                    x_adv, grad = x_best, grad_best
+                counter3, k = 0, max(k - decr, n_min)
+        point = x_best_adv
     return point, etas
 
 
 def reference_apgd(model, x, y, eps, steps, schedule, attack_loss, tracked_loss, start):
-    """reference_apgd_one image by image; stage lengths int(share * steps), the rest last."""
+    """reference_apgd_one image by image; stage lengths int(share * steps), the rest last
+    (apgd_largereps: [int(c * n_iter) for c in (0.3, 0.3)], the rest at eps)."""
     lengths = [int(share * steps) for share, _ in schedule[:-1]]
     lengths.append(steps - sum(lengths))
     stages = [(mult * eps, n) for (_, mult), n in zip(schedule, lengths)]
@@ -199,7 +217,7 @@ def test_cospgd_equals_the_paper_loop(model, random_start):
     assert torch.equal(got, want)
 
 
-def test_apgd_equals_the_paper_loop(model):
+def test_apgd_equals_the_authors_loop(model):
     x, y = batch(model)
     eps, steps = 0.03, 20
     got, trace = apgd(model, x, y, eps, steps, return_trace=True)
@@ -208,7 +226,7 @@ def test_apgd_equals_the_paper_loop(model):
     torch.testing.assert_close(trace["eta"], etas.float(), rtol=0, atol=0)
 
 
-def test_apgd_with_sea_schedule_and_masked_ce_equals_the_paper_loop(model):
+def test_apgd_with_sea_schedule_and_masked_ce_equals_the_authors_loop(model):
     x, y = batch(model, seed=2)
     eps, steps = 0.02, 20
     start = (x + 2 * eps * noise(x.shape, 6)).clamp(0, 1)  # uniform in the first (2 eps) ball
@@ -221,10 +239,24 @@ def test_apgd_with_sea_schedule_and_masked_ce_equals_the_paper_loop(model):
     assert trace["radius"].tolist() == pytest.approx([2 * eps] * 6 + [1.5 * eps] * 6 + [eps] * 8)
 
 
-def test_checkpoints_follow_the_paper():
+def test_checkpoints_are_the_codes_integer_windows():
+    """Worked by hand from apgd_train: k0 = max(int(0.22 n), 1), decr = max(int(0.03 n), 1),
+    k_min = max(int(0.06 n), 1); windows k0, max(k0 - decr, k_min), ...; a check where a
+    window ends at or before update n.
+      n = 4:   0.88 -> k0 = 1; 0.12 -> decr 1; 0.24 -> k_min 1: windows 1, 1, 1, 1 -> 1, 2, 3, 4.
+      n = 30:  6.6 -> 6; 0.8999... -> 1; 1.7999... -> 1: windows 6, 5, 4, 3, 2, 1, 1, ...
+               -> 6, 11, 15, 18, 20, then every update 21 .. 30.
+      n = 100: 22.000000000000004 -> 22; 3 ; 6: windows 22, 19, 16, 13, 10, 7, 6, 6
+               -> 22, 41, 57, 70, 80, 87, 93, 99 (105 > 100).
+      n = 300: 66; 9; 18: windows 66, 57, 48, 39, 30, 21, 18, 18
+               -> 66, 123, 171, 210, 240, 261, 279, 297 (315 > 300).
+    (The paper's ceil(p_j n) differs: n = 30 would give 7, 13, 18, 21, 24, 26, 28, 30.)"""
+    assert apgd_checkpoints(4) == [1, 2, 3, 4]
+    assert apgd_checkpoints(30) == [6, 11, 15, 18, 20] + list(range(21, 31))
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    for n in (1, 3, 7, 10, 20, 33, 90, 120, 300):
-        assert set(apgd_checkpoints(n)) == paper_checkpoints(n)
+    assert apgd_checkpoints(300) == [66, 123, 171, 210, 240, 261, 279, 297]
+    for n in (0, 1, 2, 3, 7, 10, 20, 33, 90, 120, 299, 301, 1000):
+        assert apgd_checkpoints(n) == code_checkpoints(n), n
 
 
 # --------------------------------------------------------------------------- the losses' weights
@@ -304,6 +336,10 @@ ATTACKS = {
                                                         schedule=SEA_SCHEDULE, random_start=True,
                                                         generator=torch.Generator().manual_seed(0), on_step=on_step),
     "sea": lambda m, x, y, eps, on_step=None: sea(m, x, y, eps, 10, generator=torch.Generator().manual_seed(0))[0],
+    "padam-ce": lambda m, x, y, eps, on_step=None: padam(m, x, y, eps, 6, generator=torch.Generator().manual_seed(0),
+                                                         on_step=on_step),
+    "padam-cos": lambda m, x, y, eps, on_step=None: padam(m, x, y, eps, 6, loss_fn=cosine_distance,
+                                                          generator=torch.Generator().manual_seed(0), on_step=on_step),
 }
 
 
@@ -354,6 +390,10 @@ def test_random_starts_are_seeded(model):
     a, b, c = (apgd(model, x, y, 0.03, 5, random_start=True, generator=torch.Generator().manual_seed(s))
                for s in (7, 7, 8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    for loss in (image_ce, cosine_distance):  # PAdam: deterministic given the generator
+        a, b, c = (padam(model, x, y, 0.03, 4, loss_fn=loss, generator=torch.Generator().manual_seed(s))
+                   for s in (7, 7, 8))
+        assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_apgd_halves_its_step_at_checkpoints_only(model):
@@ -376,19 +416,34 @@ def test_apgd_halves_its_step_at_checkpoints_only(model):
 
 
 def test_apgd_step_rules_on_a_scripted_loss(model):
-    """Checkpoints of 100 steps: 22, 41, 57, 70. The tracked loss (injected) is
-    scripted so that each rule of Croce & Hein decides one checkpoint:
-      22: 17 of 22 updates raised it (17 >= 0.75 * 22) and the best grew: keep eta;
-      41: 15 of 19 raised it (>= 14.25) but the best (17) did not grow: condition 2 halves;
-      57: 12 of 16 raised it, exactly 0.75 * 16 (not FEWER), halved last time: keep;
-      70: 9 of 13 raised it (< 9.75) though the best grew: condition 1 halves."""
+    """100 updates, one stage, r = 0.03: checkpoints 22, 41, 57, 70, 80, 87, 93, 99 (windows
+    22, 19, 16, 13, 10, 7, 6, 6). The tracked loss (injected) is scripted; f_0 = 100 at the
+    start, so the best loss stays 100 until update 58. Derived by hand from apgd_train /
+    check_oscillation (rises counted with '>', halving where rises <= 0.75 k):
+      22: updates 1..17 are 1..17, 18..22 fall 16..12. Update 1 is compared with the
+          zero-filled buffer (1 > 0: a rise), not with f_0 = 100: 17 rises > 16.5, keep.
+          (Compared with f_0 it would be 16 <= 16.5: halve.) The best did not grow (100),
+          but condition 2 is not applied at the first check: keep eta = 0.06.
+      41: 23..37 are 13..27 (23 vs 12: 15 rises), 38..41 fall 26..23: 15 > 14.25, yet not
+          halved at 22 and best 100 >= 100: condition 2 halves -> 0.03; restart at the best
+          point (the start), the next update compared with 23 (the buffer is not reset).
+      57: 42..53 are 24..35 (42 vs 23: a rise; 12 rises), 54..57 fall: 12 <= 0.75 * 16 = 12
+          exactly: condition 1 halves -> 0.015 ('<=', the paper's "fewer than" would keep).
+      70: 58..67 are 101..110 (10 rises, the best grows to 110), 68..70 fall: 10 > 9.75 and
+          halved at 57 (no condition 2): keep 0.015.
+      80: 71 is 1 (a fall), 72..79 are 2..9 (8 rises), 80 is 8: 8 > 7.5, but not halved at 70
+          and best 110 >= 110: condition 2 halves -> 0.0075.
+      87, 93, 99: 81..100 are all -100, no rise: condition 1 halves each time
+          -> 0.00375 (88..93), 0.001875 (94..99), 0.0009375 (100)."""
     x, y = batch(model, n=1)
-    values = [0.0]                                                    # f_0, the start
-    values += [float(v) for v in range(1, 18)] + [16, 15, 14, 13, -10]   # updates 1..22
-    values += [float(v) for v in range(-9, 6)] + [4, 3, 2, 1]            # 23..41
-    values += [0] + [float(v) for v in range(1, 13)] + [0, -1, -2]      # 42..57 (after the restart f = 17)
-    values += [float(v) for v in range(20, 29)] + [27, 26, 25, 24]       # 58..70
-    values += [-100.0] * 30                                           # 71..100
+    values = [100.0]                                                           # f_0, the start
+    values += [float(v) for v in range(1, 18)] + [16.0, 15.0, 14.0, 13.0, 12.0]   # updates 1..22
+    values += [float(v) for v in range(13, 28)] + [26.0, 25.0, 24.0, 23.0]        # 23..41
+    values += [float(v) for v in range(24, 36)] + [34.0, 33.0, 32.0, 31.0]        # 42..57
+    values += [float(v) for v in range(101, 111)] + [109.0, 108.0, 107.0]         # 58..70
+    values += [1.0] + [float(v) for v in range(2, 10)] + [8.0]                    # 71..80
+    values += [-100.0] * 20                                                       # 81..100
+    assert len(values) == 101
     calls = iter(values)
 
     def track(logits, y):
@@ -396,10 +451,43 @@ def test_apgd_step_rules_on_a_scripted_loss(model):
 
     _, trace = apgd(model, x, y, 0.03, 100, track_fn=track, return_trace=True)
     assert next(calls, None) is None  # one tracked value per forward
+    assert trace["checkpoints"] == [22, 41, 57, 70, 80, 87, 93, 99]
     eta = trace["eta"][:, 0].tolist()  # eta[k]: the step of update k + 1
-    assert eta[:41] == pytest.approx([0.06] * 41)
-    assert eta[41:70] == pytest.approx([0.03] * 29)
-    assert eta[70] == pytest.approx(0.015)
+    want = [0.06] * 41 + [0.03] * 16 + [0.015] * 23 + [0.0075] * 7 + [0.00375] * 6 + [0.001875] * 6 + [0.0009375]
+    assert eta == pytest.approx(want)
+
+
+def test_apgd_restart_keeps_the_momentum_term(model):
+    """After a halving the image restarts at its best point and the next update is
+    x_best + a (z - x_best) + (1 - a)(x_best - x_{k-1}), x_{k-1} the iterate before the
+    last one (apgd_train leaves x_adv_old alone): a tracked loss that never rises after
+    update 1 halves at every check of n = 4 (windows of 1), the best stays the start x0."""
+    x, y = batch(model, n=1)
+    calls = iter([5.0, 1.0, 0.5, 0.25, 0.125])  # f_0 = 5 stays the best; update 1: 1 > 0 is a rise
+
+    def track(logits, y):
+        return torch.tensor([next(calls)])
+
+    seen = []
+    _, trace = apgd(model, x, y, 0.03, 4, track_fn=track, return_trace=True,
+                    on_step=lambda t, logits: seen.append(logits))
+    # check 1 (after update 1): 1 rise (1 > 0), 1 <= 0.75 no; condition 2 skipped: keep 0.06.
+    # check 2: 0.5 > 1 no, 0 rises: halve -> 0.03, restart at x0; check 3: halve -> 0.015
+    assert trace["eta"][:, 0].tolist() == pytest.approx([0.06, 0.06, 0.03, 0.015])
+
+    def grad_at(z):  # the attack's gradient: of the default loss, the mean pixel CE
+        zr = z.clone().requires_grad_(True)
+        return torch.autograd.grad(image_ce(model(zr), y).sum(), zr)[0]
+
+    def proj(z):
+        return torch.clamp(torch.min(torch.max(z, x - 0.03), x + 0.03), 0, 1)
+
+    x1 = proj(x + 1.0 * (proj(x + 0.06 * grad_at(x).sign()) - x) + 0.0 * (x - x))      # a = 1
+    z3 = proj(x + 0.03 * grad_at(x).sign())       # after check 2: at x0 (the best), x0's gradient
+    x3 = proj(x + 0.75 * (z3 - x) + 0.25 * (x - x1))  # x_{k-1} = x1 kept: momentum x0 - x1
+    with torch.no_grad():
+        torch.testing.assert_close(seen[3], model(x3), rtol=0, atol=0)
+        assert not torch.equal(seen[3], model(proj(x + 0.75 * (z3 - x))))  # the momentum term matters
 
 
 def test_worst_case_is_per_image_no_better_than_any_attack(model):
@@ -468,6 +556,7 @@ CURVED = {
     "cospgd": lambda m, x, y, s, cb: cospgd(m, x, y, 0.03, 0.01, s, generator=torch.Generator().manual_seed(0),
                                             on_step=cb),
     "apgd": lambda m, x, y, s, cb: apgd(m, x, y, 0.03, s, on_step=cb),
+    "padam": lambda m, x, y, s, cb: padam(m, x, y, 0.03, s, generator=torch.Generator().manual_seed(0), on_step=cb),
 }
 
 
@@ -529,7 +618,7 @@ def test_bad_arguments_are_named(model):
         untargeted(model, x, y, "bogus", 0.03, 3)
 
 
-@pytest.mark.parametrize("name", ["pgd", "segpgd", "cospgd", "apgd", "sea"])
+@pytest.mark.parametrize("name", ["pgd", "segpgd", "cospgd", "apgd", "sea", "padam-ce", "padam-cos"])
 def test_untargeted_dispatches_to_the_named_attack(model, name):
     x, y = batch(model, n=2)
     got = untargeted(model, x, y, name, 0.03, 4, generator=torch.Generator().manual_seed(0))
@@ -539,5 +628,114 @@ def test_untargeted_dispatches_to_the_named_attack(model, name):
             "segpgd": lambda: segpgd(model, x, y, 0.03, 0.0075, 4, generator=g),
             "cospgd": lambda: cospgd(model, x, y, 0.03, 0.0075, 4, generator=g),
             "apgd": lambda: apgd(model, x, y, 0.03, 4),
-            "sea": lambda: sea(model, x, y, 0.03, 4, generator=g)[0]}[name]()
+            "sea": lambda: sea(model, x, y, 0.03, 4, generator=g)[0],
+            "padam-ce": lambda: padam(model, x, y, 0.03, 4, generator=g),
+            "padam-cos": lambda: padam(model, x, y, 0.03, 4, loss_fn=cosine_distance, generator=g)}[name]()
     assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- PAdam
+class Linear1x1(torch.nn.Module):
+    """logits = W x per pixel (a 1x1 convolution, no bias): the gradient is written out."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, x):
+        return torch.einsum("cd,ndhw->nchw", self.w, x)
+
+
+def test_padam_steps_are_hand_computed_adam_on_a_linear_model():
+    """One pixel, W = [[1, 0, 0], [0, 1, 0]], x = (0.5, 0.5, 0.5), y = 0, no random start.
+    CE gradient in x: W^T (softmax(Wx) - onehot(y)).
+    Step 1: z = (0.5, 0.5), p = (0.5, 0.5): g1 = (-0.5, 0.5, 0). m = 0.1 g1, v = 0.001 g1^2,
+      bias corrections 0.1 and 0.001: delta1 = lr g1 / (|g1| + 1e-8) = lr (-1, 1, 0)(1 - 2e-8).
+    Step 2: x1 = x + delta1, z = (0.5 + d1_0, 0.5 + d1_1), q = 1 - p_0 = sigmoid(z_1 - z_0):
+      g2 = (-q, q, 0); m = 0.9 m1 + 0.1 g2; v = 0.999 v1 + 0.001 g2^2; v_max = max(v1, v);
+      delta2 = delta1 + lr / 0.19 * m / (sqrt(v_max) / sqrt(0.001999) + 1e-8), 1 - 0.9^2 = 0.19,
+      1 - 0.999^2 = 0.001999. eps = 8/255 > 2 lr: no clipping."""
+    net = Linear1x1([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).double()
+    x = torch.full((1, 3, 1, 1), 0.5, dtype=torch.float64)
+    y = torch.zeros(1, 1, 1, dtype=torch.int64)
+    lr, eps = 2 / 255, 8 / 255
+    one = padam(net, x, y, eps, 1, random_start=False) - x
+    d1 = [lr * -0.5 / (0.5 + 1e-8), lr * 0.5 / (0.5 + 1e-8), 0.0]
+    assert one.flatten().tolist() == pytest.approx(d1, rel=1e-12, abs=1e-15)
+    two = padam(net, x, y, eps, 2, random_start=False) - x
+    q = 1 / (1 + math.exp(-((0.5 + d1[1]) - (0.5 + d1[0]))))
+    want = []
+    for i, (g1, g2) in enumerate([(-0.5, -q), (0.5, q), (0.0, 0.0)]):
+        m = 0.9 * (0.1 * g1) + 0.1 * g2
+        v1 = 0.001 * g1 ** 2
+        vmax = max(v1, 0.999 * v1 + 0.001 * g2 ** 2)
+        want.append(d1[i] + lr / 0.19 * m / (math.sqrt(vmax) / math.sqrt(0.001999) + 1e-8))
+    assert two.flatten().tolist() == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert want[1] > d1[1] > 0  # it keeps climbing the CE: away from class 0
+
+
+def test_padam_is_torch_adam_amsgrad_maximize_projected(model):
+    """The loop of RSE's padam with torch.optim.Adam(lr=2/255, amsgrad=True, maximize=True),
+    one image (so its batch mean is the image's mean), from the same uniform start."""
+    x, y = batch(model, n=1)
+    eps, steps = 0.03, 5
+    delta = ((x + eps * noise(x.shape, 9)).clamp(0, 1) - x).clone()
+    opt = torch.optim.Adam([delta], lr=2 / 255, amsgrad=True, maximize=True)
+    for _ in range(steps):
+        d = delta.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x + d), y, reduction="none").mean()
+        delta.grad = torch.autograd.grad(loss, d)[0]
+        opt.step()
+        with torch.no_grad():
+            delta.clamp_(-eps, eps)
+            delta.copy_((x + delta).clamp(0, 1) - x)
+    got = padam(model, x, y, eps, steps, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got, x + delta.detach(), rtol=0, atol=1e-6)
+
+
+def test_padam_stays_in_the_ball_every_step(model):
+    x, y = batch(model)  # in [0.1, 0.9]: the box never cuts the ball (edge_batch: the tests above)
+    eps = 0.01  # below Adam's first step (2/255): every step hits the ball
+    seen = []
+    adv = padam(model, x, y, eps, 5, loss_fn=cosine_distance, generator=torch.Generator().manual_seed(1),
+                on_step=lambda t, logits: seen.append(t))
+    assert (adv - x).abs().amax() <= eps + 1e-7 and adv.min() >= 0 and adv.max() <= 1
+    assert ((adv - x).abs() > eps - 1e-6).float().mean() > 0.5  # most coordinates sit on the ball's face
+    assert seen == list(range(6))
+
+
+def test_cosine_distance_is_of_the_raw_logits():
+    logits = torch.tensor([1.0, 2.0, 2.0]).view(1, 3, 1, 1)  # cos to onehot(0) = 1 / 3
+    y = torch.zeros(1, 1, 1, dtype=torch.int64)
+    assert cosine_distance(logits, y).item() == pytest.approx(2 / 3, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- class weights, greedy mIoU
+def test_inverse_frequency_sums_to_one_over_counted_classes():
+    # counts 2, 1, 1, 0 -> 1/2, 1, 1, 0 -> / 2.5
+    assert inverse_frequency(torch.tensor([2, 1, 1, 0])).tolist() == pytest.approx([0.2, 0.4, 0.4, 0.0])
+    with pytest.raises(ValueError, match="no"):
+        inverse_frequency(torch.zeros(3, dtype=torch.int64))
+
+
+def test_greedy_worst_miou_worked_by_hand():
+    """Two classes, two images, two candidates (inter, union per class):
+      A: cand 0 (8, 2) / (10, 4), cand 1 (6, 0) / (10, 6);  B: cand 0 (5, 5) / (6, 6), cand 1 (6, 5) / (6, 6).
+    Start all at 0: (13, 7) / (16, 10), mIoU (13/16 + 7/10) / 2 = 0.75625. Whatever the order:
+    A with 1: (11/16 + 5/12) / 2 = 0.5520833 < 0.75625, taken; B with 1: (12/16 + 5/12) / 2
+    = 0.5833 > 0.5520833, not. Round 2 changes nothing (a drop <= 1e-6): stop after 2 rounds."""
+    inter = np.array([[[8, 2], [5, 5]], [[6, 0], [6, 5]]], float)
+    union = np.array([[[10, 4], [6, 6]], [[10, 6], [6, 6]]], float)
+    miou, chosen, rounds = greedy_worst_miou(inter, union)
+    assert miou == pytest.approx((11 / 16 + 5 / 12) / 2, rel=1e-12)
+    assert chosen == [1, 0] and rounds == 2
+
+
+def test_greedy_worst_miou_keeps_the_authors_comparison():
+    """worse_only.py compares each candidate with the mIoU as it stood when the image's turn
+    began, so a later candidate below it replaces a lower earlier one. One image, one class:
+    IoU 0.9, 0.1, 0.5 for candidates 0, 1, 2: 1 is taken (0.1 < 0.9), then 2 (0.5 < 0.9)."""
+    inter = np.array([[[9.0]], [[1.0]], [[5.0]]])
+    union = np.full((3, 1, 1), 10.0)
+    miou, chosen, _ = greedy_worst_miou(inter, union)
+    assert chosen == [2] and miou == pytest.approx(0.5)

@@ -14,7 +14,7 @@ from mlsys.attacks import full_area, pgd
 from mlsys.robust import untargeted
 from mlsys.distributed import ChunkStore, Shard
 from mlsys.data import split_tissues
-from mlsys.evaluate import curve_points, evaluate_split, image_states, robust_results, robust_seed
+from mlsys.evaluate import curve_points, evaluate_split, image_states, robust_results, robust_seed, train_class_weights
 from mlsys.metrics import SegMetrics
 from mlsys.model import UNet
 from mlsys.params import AttackParams, DataParams, EvaluateParams, ParamsError, RobustParams, load_params
@@ -96,6 +96,7 @@ def test_worst_case_and_tissue_metrics_equal_an_independent_recomputation(micro,
     per_attack = {(a, r): SegMetrics() for a in cfg.robust.attacks for r in cfg.robust.radii}
     tissue_clean = {t: SegMetrics() for t in tissues}
     tissue_worst = {(t, r): SegMetrics() for t in tissues for r in cfg.robust.radii}
+    weights = train_class_weights(micro, model.head.out_channels)[0]  # SEA's: the train split's
     for j, (_, x, y, names, bits) in enumerate(data.iter_chunks(micro, "test", 4, channels=True)):
         names = [n.decode() for n in names]
         for i, t in enumerate(names):
@@ -104,7 +105,7 @@ def test_worst_case_and_tissue_metrics_equal_an_independent_recomputation(micro,
             logits = []
             for a in cfg.robust.attacks:
                 g = torch.Generator().manual_seed(robust_seed(j, r, a))
-                logits.append(forward(model, untargeted(model, x, y, a, r / 255, 3, generator=g)))
+                logits.append(forward(model, untargeted(model, x, y, a, r / 255, 3, generator=g, weights=weights)))
                 per_attack[(a, r)].update(logits[-1], y, bits)
             acc = torch.stack([(z.argmax(1) == y).float().mean((1, 2)) for z in logits])  # (attacks, N)
             for i in range(len(x)):
@@ -212,6 +213,50 @@ def test_robust_results_are_json_clean_and_laid_out_by_radius(micro, model, tmp_
     assert set(back["tissue"]) == set(split_tissues(micro, "test"))
     assert set(back["tissue"]["Breast"]) == {"clean", "worst"} and list(back["tissue"]["Breast"]["worst"]) == ["0.5", "8"]
     assert back["paper_curve"]["steps"] == [0, 1, 2]
+
+
+def test_sea_class_weights_are_the_train_splits_and_recorded(micro, model, tmp_path):
+    """Mask-CE-Bal's weights: inverse pixel frequency of the TRAIN split's masks, sum 1,
+    in the results; a file with no training split falls back to per-image weights, saying so."""
+    import h5py
+    import shutil
+
+    C = model.head.out_channels
+    _, train_masks = data.load_split(micro, "train")
+    count = torch.bincount(train_masks.flatten(), minlength=C).double()
+    want = torch.where(count > 0, 1 / count.clamp(min=1), torch.zeros_like(count))
+    want = (want / want.sum()).tolist()
+    w, source = train_class_weights(micro, C)
+    assert w.tolist() == pytest.approx(want, rel=1e-6) and sum(w.tolist()) == pytest.approx(1.0)
+    assert "train split" in source
+    cfg = protocol(chunk=8, attacks=("sea",), radii=(8.0,), steps=2)
+    res = robust_results(run(model, micro, cfg, tmp_path / "s")[3])
+    assert res["class_weights"] == pytest.approx(want, rel=1e-6) and "train split" in res["class_weights_source"]
+    bare = tmp_path / "no_train.h5"
+    shutil.copy(micro, bare)
+    with h5py.File(bare, "a") as f:
+        del f["split/train"]
+    w, source = train_class_weights(str(bare), C)
+    assert w is None and "fallback" in source and "no training split" in source
+
+
+def test_greedy_worst_miou_is_reported_beside_the_accuracy_worst_case(micro, model, tmp_path):
+    """robust.worst_miou per radius: the greedy search over the candidates (SEA as its three
+    runs), starting from the first candidate, never above that candidate's own mIoU."""
+    from mlsys.evaluate import candidates
+
+    cfg = protocol(chunk=4, attacks=("segpgd", "sea"), radii=(8.0,), steps=2)
+    rob = run(model, micro, cfg, tmp_path / "s")[3]
+    res = robust_results(rob)
+    w = res["worst_miou"]["8"]
+    assert w["candidates"] == candidates(["segpgd", "sea"]) == ["segpgd", "sea/mask-ce-bal", "sea/mask-ce", "sea/js"]
+    assert sum(w["chosen"].values()) == len(data.split_of(micro, "test")) and w["rounds"] >= 1
+    first = rob["per_attack"]["segpgd"][0].state()  # candidate 0 for every image: the search's start
+    C = model.head.out_channels
+    tp, fp, fn = (first[3 + i * C:3 + (i + 1) * C] for i in range(3))
+    union = tp + fp + fn
+    assert w["greedy"] <= float((tp[union > 0] / union[union > 0]).mean()) + 1e-6
+    assert 0 <= w["by_accuracy"] <= 1
 
 
 def test_disabled_protocol_gives_none(micro, model, tmp_path):
