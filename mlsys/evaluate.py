@@ -21,6 +21,7 @@ from .params import MODELS
 from .results import json_clean, radius_key
 from .robust import SEA_LOSSES, SEA_SCHEDULE, _stages, greedy_worst_miou, inverse_frequency, untargeted, worst_case
 from .robust import check as check_attacks
+from .robust import label as attack_label
 
 
 # --------------------------------------------------------------------------- the field's protocol
@@ -446,6 +447,9 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
         mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
         if robust is not None:
             res["robust"] = robust_results(robust)
+            # the protocol's strength in words (MLflow keys stay stable: it goes into a tag)
+            res["robust"]["labels"] = {a: attack_label(a, cfg.robust.steps) for a in cfg.robust.attacks}
+            mlflow.set_tag("mlsys.protocol", "; ".join(res["robust"]["labels"].values()))
             log_robust(res["robust"])
             cw = res["robust"].get("class_weights")  # SEA's Mask-CE-Bal weights, as used
             mlflow.log_param("evaluate.robust.class_weights",

@@ -218,18 +218,18 @@ def robust_radius(rows: list[dict], models: list[str], title: str, metrics=("dic
     return fig
 
 
-def robust_steps(curves: dict[str, dict[str, dict]], title: str):
+def robust_steps(curves: dict[str, dict[str, dict]], title: str, labels: dict[str, str] | None = None):
     """Dice against the attack's steps, one panel per curve (each attack, and "worst": per
     image the worst of the attacks at each step), one line per model (mean over seeds) with a
     band from the lowest to the highest seed; ``curves[name][model]`` = {"steps", "mean",
-    "lo", "hi"} (report.build_robust)."""
+    "lo", "hi"} (report.build_robust); ``labels``: each attack's name with its strength."""
     names = list(curves)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False, sharey=True)
     for ax, name in zip(axes[0], names):
         for m, c in curves[name].items():
             line, = ax.plot(c["steps"], c["mean"], marker="o", markersize=3, label=m)
             ax.fill_between(c["steps"], c["lo"], c["hi"], color=line.get_color(), alpha=0.15)
-        ax.set_title("worst of the attacks" if name == "worst" else name, fontsize=10)
+        ax.set_title("worst of the attacks" if name == "worst" else (labels or {}).get(name, name), fontsize=9)
         ax.set_xlabel("attack step")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("Dice (standard)")

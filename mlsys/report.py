@@ -198,7 +198,8 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
     clean = {m: {k: (cmean[f"clean {k}"][i], cstd[f"clean {k}"][i]) for k in ROBUST_METRICS}
              for i, m in enumerate(cmean["model"])}
     return {"radii": radii, "top": top, "table": mean, "table_std": std, "tissue": tissue, "curves": curves,
-            "clean": clean, "attacks": evals[0]["robust"]["attacks"], "n_seeds": len(per_seed)}
+            "clean": clean, "attacks": evals[0]["robust"]["attacks"], "labels": evals[0]["robust"].get("labels", {}),
+            "n_seeds": len(per_seed)}
 
 
 def robust_summary(rob: dict) -> dict:
@@ -237,9 +238,16 @@ def robust_steps_rows(rob: dict) -> list[dict]:
             for i, t in enumerate(steps)]
 
 
+def protocol_names(rob: dict) -> str:
+    """The attacks of the protocol with their strength, as the evaluations named them
+    ("SEA-style, 4 steps (reduced from 300)"); plain names from evaluations that gave none."""
+    labels = rob.get("labels") or {}
+    return ", ".join(labels.get(a, a) for a in rob["attacks"])
+
+
 def robust_titles(rob: dict) -> tuple[str, str]:
     over = f"mean ± std over {rob['n_seeds']} seed{'s' if rob['n_seeds'] > 1 else ''}"
-    return (f"Robustness: worst case per image of {', '.join(rob['attacks'])} at L-inf radius eps (r/255), "
+    return (f"Robustness: worst case per image of {protocol_names(rob)} at L-inf radius eps (r/255), "
             f"standard Dice and pixel accuracy ({over})",
             f"Per tissue: clean and worst-case Dice at eps {rob['top']}/255 (mean over seeds)")
 
@@ -474,12 +482,12 @@ def main(p) -> None:
             (out / "robust.md").write_text(to_markdown(shown[3][1], shown[3][0]))
             (out / "tissue.md").write_text(to_markdown(shown[4][1], shown[4][0]))
             figures.save(figures.robust_radius(robust_radius_rows(rob), rob["table"]["model"],
-                                               f"worst case of {', '.join(rob['attacks'])} against the L-inf radius "
+                                               f"worst case of {protocol_names(rob)} against the L-inf radius "
                                                f"(mean ± std, {len(seeds)} seeds)"), out / "figures/robust_radius.png")
             figs.append(("Robustness against the radius", "figures/robust_radius.png"))
             figures.save(figures.robust_steps(rob["curves"], f"Dice along the attacks at eps {rob['top']}/255 "
-                                                             f"(mean; band: lowest to highest of {len(seeds)} seeds)"),
-                         out / "figures/robust_steps.png")
+                                                             f"(mean; band: lowest to highest of {len(seeds)} seeds)",
+                                                 rob["labels"]), out / "figures/robust_steps.png")
             figs.append(("Robustness along the attack steps", "figures/robust_steps.png"))
             files.write_csv(f"{paths.REPORT_PLOTS}/robust_radius.csv", robust_radius_rows(rob))
             files.write_csv(f"{paths.REPORT_PLOTS}/robust_steps.csv", robust_steps_rows(rob))

@@ -551,6 +551,26 @@ ATTACKS: dict[str, Attack] = {"pgd": _pgd, "segpgd": _segpgd, "cospgd": _cospgd,
                               "padam-ce": _padam_ce, "padam-cos": _padam_cos}
 
 
+# How papers name each attack, and the iterations its authors run (None: no fixed setting).
+# Results of fewer iterations carry the reduction in their name (:func:`label`); an attack
+# missing here is named by its key.
+TITLES: dict[str, tuple[str, int | None]] = {
+    "pgd": ("PGD", None), "segpgd": ("SegPGD", None), "cospgd": ("CosPGD", None), "apgd": ("APGD", None),
+    "sea": ("SEA", 300),                                # tools/infer.py of SEA's authors: 300 per loss, fixed
+    "padam-ce": ("PAdam-CE", 200), "padam-cos": ("PAdam-Cos", 200),  # RSE's setting
+}
+
+
+def label(attack: str, steps: int) -> str:
+    """The attack's name with its strength, for tables, plots and tags: "SEA (300 steps)" only
+    at its authors' iterations, "SEA-style, 4 steps (reduced from 300)" below them,
+    "SegPGD, 4 steps" where the authors fix none."""
+    title, full = TITLES.get(attack, (attack, None))
+    if full is None:
+        return f"{title}, {steps} steps"
+    return f"{title} ({steps} steps)" if steps >= full else f"{title}-style, {steps} steps (reduced from {full})"
+
+
 def check(cfg: RobustParams) -> None:
     """A one-line error unless ``evaluate.robust.attacks`` names distinct :data:`ATTACKS`."""
     a = cfg.attacks

@@ -739,3 +739,14 @@ def test_greedy_worst_miou_keeps_the_authors_comparison():
     union = np.full((3, 1, 1), 10.0)
     miou, chosen, _ = greedy_worst_miou(inter, union)
     assert chosen == [2] and miou == pytest.approx(0.5)
+
+
+def test_labels_name_the_strength_and_say_when_it_is_reduced():
+    from mlsys.robust import ATTACKS, label
+
+    assert label("sea", 300) == "SEA (300 steps)"
+    assert label("sea", 4) == "SEA-style, 4 steps (reduced from 300)"
+    assert label("padam-cos", 10) == "PAdam-Cos-style, 10 steps (reduced from 200)"
+    assert label("segpgd", 4) == "SegPGD, 4 steps"
+    assert label("new-attack", 7) == "new-attack, 7 steps"  # an attack without a title keeps its key
+    assert all(label(a, 1) for a in ATTACKS)

@@ -156,3 +156,14 @@ def test_robustness_figures_draw(tmp_path):
     assert len(fig.axes[2].lines) == 4                    # one line per model
     figures.save(fig, tmp_path / "s.png")
     assert (tmp_path / "r.png").stat().st_size > 1000 and (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_protocol_names_carry_the_strength_the_evaluations_recorded():
+    from mlsys.report import protocol_names, robust_titles
+
+    rob = {"attacks": ["segpgd", "sea"], "labels": {"segpgd": "SegPGD, 4 steps",
+                                                    "sea": "SEA-style, 4 steps (reduced from 300)"},
+           "n_seeds": 3, "top": "8"}
+    assert protocol_names(rob) == "SegPGD, 4 steps, SEA-style, 4 steps (reduced from 300)"
+    assert "SEA-style, 4 steps (reduced from 300)" in robust_titles(rob)[0]
+    assert protocol_names({"attacks": ["sea"]}) == "sea"  # an evaluation written before the labels
