@@ -12,11 +12,26 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLSYS_PROGRESS", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"    # (two threads per worker fight over the cores, 2-50x slower)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of whole pipelines (minutes); the fast tier is "
                                        "`pytest -m 'not slow'`")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` (make test): the tests of one module stay on one
+    worker, so module fixtures run once; every test reading the session's micro ``pipeline``
+    shares one worker too, so that pipeline runs once, while the other workers take the rest."""
+    for item in items:
+        group = "pipeline" if "pipeline" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
