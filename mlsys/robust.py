@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import Loss, OnStep, logits_and_grad, pgd, signed_steps, uniform_start
+from .metrics import pixel_accuracy, predicted_class, worst_candidate
 from .model import eval_mode
 from .params import ParamsError, RobustParams
 
@@ -39,11 +40,6 @@ def _image_mean(per_pixel: torch.Tensor) -> torch.Tensor:
     return per_pixel.flatten(1).mean(1)
 
 
-def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Share of pixels whose argmax class is the true one, per image (N,) in [0, 1]."""
-    return _image_mean((logits.max(1).indices == y).float())
-
-
 def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> torch.Tensor:
     """SegPGD's loss (Gu et al. 2022, Sec. 3: the loss is their Eq. 4 and lambda(t)
     their Eq. 5 as we read arXiv 2207.12391v3; used in Algorithm 1, t = 1..T):
@@ -54,7 +50,7 @@ def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> to
     shashankskagnihotri/cospgd does the same, iteration/(2*iterations) from 0).
     Correct/wrong is the argmax of the same logits; the weights carry no gradient."""
     lam = t / (2 * steps)
-    correct = logits.max(1).indices == y
+    correct = predicted_class(logits) == y
     weight = torch.where(correct, 1.0 - lam, lam)
     return _image_mean(weight * _pixel_ce(logits, y))
 
@@ -78,7 +74,7 @@ def image_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def masked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SEA's Mask-CE: the CE of the pixels still classified correctly (mask detached),
     zero elsewhere, mean over ALL pixels (N,): fooled pixels stop pulling."""
-    correct = (logits.max(1).indices == y).float()
+    correct = (predicted_class(logits) == y).float()
     return _image_mean(correct * _pixel_ce(logits, y))
 
 
@@ -104,7 +100,7 @@ def balanced_masked_ce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Ten
             raise ValueError(f"class weights of shape {tuple(weights.shape)} are not ({c},)")
         w = weights.to(logits.device).float().expand(n, c)
     pixel_w = torch.gather(w, 1, y.flatten(1)).view_as(y)
-    correct = (logits.max(1).indices == y).float()
+    correct = (predicted_class(logits) == y).float()
     return _image_mean(correct * pixel_w * _pixel_ce(logits, y))
 
 
@@ -312,7 +308,8 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
 def worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, candidates: Sequence[torch.Tensor], *,
                amp: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image, the candidate adversarial image with the lowest pixel accuracy
-    (earlier candidates win ties), as SEA reports its pixel accuracy.
+    (earlier candidates win ties: :func:`mlsys.metrics.worst_candidate`, the rule the
+    evaluate stage's curves choose by too), as SEA reports its pixel accuracy.
 
     x: (N, 3, H, W) clean images (only checked for shape); y: (N, H, W) int64;
     candidates: adversarial batches like x. One forward per candidate. Returns
@@ -325,10 +322,10 @@ def worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, candida
     with eval_mode(model):
         accs = torch.stack([pixel_accuracy(logits_and_grad(model, c, None, amp, grad=False)[0], y)
                             for c in candidates])  # (K, N)
-    which = accs.argmin(0)  # the first minimum
+    which = worst_candidate(accs)  # the first minimum
     stacked = torch.stack([c.detach() for c in candidates])  # (K, N, 3, H, W)
     adv = stacked[which, torch.arange(x.shape[0], device=x.device)]
-    return adv, accs.min(0).values, which
+    return adv, accs.gather(0, which[None])[0], which
 
 
 # SEA's three losses, in the order its worst-case search starts from
