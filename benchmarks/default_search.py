@@ -6,7 +6,7 @@ into a temporary HDF5), trains model 1 per seed with ``mlsys.train.train_model``
 (``torch.manual_seed(seed)`` before ``build_model``, as the train stage does),
 keeps the state_dict of the epoch with the LOWEST VALIDATION LOSS (the
 ``train.keep: best`` rule, emulated through ``on_epoch``), and evaluates that kept
-model on the TEST split with ``mlsys.metrics.evaluate`` ("dice" = macro nucleus
+model on the TEST split with ``mlsys.metrics.evaluate_model`` ("dice" = macro nucleus
 Dice). Each (config, seed) result is appended to the JSON file as soon as it is
 measured, with the training wall time and the thread count it ran under.
 
@@ -35,7 +35,7 @@ import torch
 
 from mlsys.data import load_split
 from mlsys.prepare import prepare
-from mlsys.metrics import evaluate
+from mlsys.metrics import evaluate_model
 from mlsys.params import DataParams, ModelParams, TrainParams
 from mlsys.train import train_model
 
@@ -122,9 +122,9 @@ def run_one(name: str, c: dict, seed: int, threads: int, tmp: str) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     history = train_model(model, train, valid, tcfg, c["epochs"], on_epoch=keep_best, progress=False)
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    last = evaluate(model, *test, 32, torch.device("cpu"))
+    last = evaluate_model(model, *test, 32, torch.device("cpu"))
     model.load_state_dict(best["state"])
-    kept = evaluate(model, *test, 32, torch.device("cpu"))
+    kept = evaluate_model(model, *test, 32, torch.device("cpu"))
     import mlsys
 
     return {"config": name, **c, "seed": seed, "threads": threads, "code": str(Path(mlsys.__file__).parent),

@@ -239,7 +239,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, devic
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int,
+def evaluate_model(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int,
              device: torch.device, threshold: float = 0.1, group=None,
              channels: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics of ``model`` on images (N, 3, H, W) in [0, 1] with masks (N, H, W) and,

@@ -31,12 +31,14 @@ from .params import ParamsError, RobustParams
 StepLoss = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (logits, y, t, steps) -> (N,)
 
 
-def _pixel_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per pixel (N, H, W), in float32 whatever the logits' dtype."""
+def pixel_ce_map(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every pixel: logits (N, C, H, W), y (N, H, W) -> (N, H, W) float32,
+    whatever the logits' dtype."""
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
 def _image_mean(per_pixel: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) -> (N,): the mean over each image's pixels."""
     return per_pixel.flatten(1).mean(1)
 
 
@@ -52,7 +54,7 @@ def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> to
     lam = t / (2 * steps)
     correct = predicted_class(logits) == y
     weight = torch.where(correct, 1.0 - lam, lam)
-    return _image_mean(weight * _pixel_ce(logits, y))
+    return _image_mean(weight * pixel_ce_map(logits, y))
 
 
 def cospgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int = 0, steps: int = 1) -> torch.Tensor:
@@ -63,19 +65,20 @@ def cospgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int = 0, steps: int = 
     p = logits.float().softmax(1)
     onehot = F.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2).float()
     cos = F.cosine_similarity(p, onehot, dim=1)
-    return _image_mean(cos.detach() * _pixel_ce(logits, y))
+    return _image_mean(cos.detach() * pixel_ce_map(logits, y))
 
 
 def image_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean pixel cross-entropy per image (N,): APGD's loss, and SEA's tracked loss."""
-    return _image_mean(_pixel_ce(logits, y))
+    """Mean pixel cross-entropy of each image: logits (N, C, H, W), y (N, H, W) -> (N,)
+    float32. APGD's loss, and SEA's tracked loss."""
+    return _image_mean(pixel_ce_map(logits, y))
 
 
 def masked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SEA's Mask-CE: the CE of the pixels still classified correctly (mask detached),
     zero elsewhere, mean over ALL pixels (N,): fooled pixels stop pulling."""
     correct = (predicted_class(logits) == y).float()
-    return _image_mean(correct * _pixel_ce(logits, y))
+    return _image_mean(correct * pixel_ce_map(logits, y))
 
 
 def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -101,7 +104,7 @@ def balanced_masked_ce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Ten
         w = weights.to(logits.device).float().expand(n, c)
     pixel_w = torch.gather(w, 1, y.flatten(1)).view_as(y)
     correct = (predicted_class(logits) == y).float()
-    return _image_mean(correct * pixel_w * _pixel_ce(logits, y))
+    return _image_mean(correct * pixel_w * pixel_ce_map(logits, y))
 
 
 def js_divergence(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -195,11 +195,11 @@ def test_paper_variant_equals_the_authors_counts(tmp_path):
     assert semantic.paper_truth == "semantic" and back.merge(semantic).paper_truth == "mixed"
 
 
-def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
+def test_evaluate_model_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     from mlsys import data, prepare
     from mlsys.distributed import ChunkStore
     from mlsys.evaluate import evaluate_split
-    from mlsys.metrics import evaluate
+    from mlsys.metrics import evaluate_model
     from mlsys.model import UNet
     from mlsys.params import AttackParams, EvaluateParams
 
@@ -210,7 +210,7 @@ def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     with torch.no_grad():
         prob = model(images).softmax(1).numpy()
     expect = authors_counts(prob, raw[data.split_of(out, "test")])
-    r = evaluate(model, images, masks, 8, torch.device("cpu"), channels=bits)
+    r = evaluate_model(model, images, masks, 8, torch.device("cpu"), channels=bits)
     tp, fp, fn = expect
     assert r["paper_dice"] == 2 * tp / (2 * tp + fp + fn) and r["paper_truth_raw"] == 1.0
     cfg = EvaluateParams(attack=AttackParams(steps=1, batch_size=8))
