@@ -37,7 +37,7 @@ CONFIGS = {
     "micro": {"data": {"n_images": 27, "image_size": 16}, "model": {"base": 4, "depth": 2},
               "train": {"epochs": 10, "batch_size": 6},
               "evaluate": {"attack": {"steps": 2}}, "augment": {"method2": {"chunk": 243}}},
-    "default": {},  # params.yaml as shipped (300 images 32x32, base 8, 30 epochs)
+    "default": {},  # params.yaml as shipped (each result records the settings it ran under "settings")
 }
 
 

@@ -2,7 +2,7 @@
 the one signed-gradient loop every PGD-like attack of the project runs (the field's attacks
 in :mod:`mlsys.robust` included).
 
-FGSM: eta(x, y) = eps * sign(grad_x J(theta, x, y)), J = pixel cross-entropy.
+FGSM: eta(x, y) = eps * sign(grad_x J(theta, x, y)), J = the mean pixel cross-entropy (``mean_ce``).
 Targeted attacks aim at a "full-area" target (every pixel labelled class c) and
 step AGAINST the gradient ("negative epsilon"); untargeted ones step along it.
 
@@ -36,8 +36,9 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OnStep = Callable[[int, torch.Tensor], None]
 
 
-def pixel_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean pixel cross-entropy; logits (N, C, H, W), target (N, H, W) int64."""
+def mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel cross-entropy averaged over every pixel of the batch: logits (N, C, H, W),
+    target (N, H, W) int64 -> a scalar () float32."""
     return F.cross_entropy(logits.float(), target)
 
 
@@ -47,7 +48,7 @@ def full_area(images: torch.Tensor, cls: int) -> torch.Tensor:
     return torch.full((n, h, w), cls, dtype=torch.int64, device=images.device)
 
 
-def input_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Loss = pixel_ce,
+def input_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn: Loss = mean_ce,
                amp: bool = False) -> torch.Tensor:
     """grad_x loss(model(x), target) for x (N, 3, H, W); parameters untouched.
 
@@ -73,7 +74,7 @@ def logits_and_grad(model: torch.nn.Module, x: torch.Tensor, loss_of: Callable[[
 
 
 def fgsm(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float, targeted: bool = True,
-         loss_fn: Loss = pixel_ce, amp: bool = False) -> torch.Tensor:
+         loss_fn: Loss = mean_ce, amp: bool = False) -> torch.Tensor:
     """One FGSM step, clipped to [0, 1]. Targeted: x - eps*sign(grad) toward ``target``;
     untargeted: x + eps*sign(grad) away from ``target`` (the true mask)."""
     with eval_mode(model):
@@ -121,7 +122,7 @@ def signed_steps(model: torch.nn.Module, x0: torch.Tensor, adv: torch.Tensor,
 
 def pgd(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *, mode: str = "faithful",
         eps: float = 0.01, alpha: float | None = None, steps: int = 100, targeted: bool = True,
-        random_start: bool = False, loss_fn: Loss = pixel_ce, amp: bool = False,
+        random_start: bool = False, loss_fn: Loss = mean_ce, amp: bool = False,
         generator: torch.Generator | None = None, on_step: OnStep | None = None) -> torch.Tensor:
     """Iterative attack on images x (N, 3, H, W) in [0, 1]; returns the adversarial batch.
 

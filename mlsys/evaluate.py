@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from . import entry, hardware
 from .attacks import attack_from_params, check_mode, fast
-from .metrics import SegMetrics, paper_truth, predict
+from .metrics import (SegMetrics, pack_state, paper_truth, pixel_accuracy, predict, predicted_class, state_accuracy,
+                      worst_candidate)
 from .model import eval_mode
 from .params import MODELS
 from .results import json_clean, radius_key
@@ -26,13 +27,6 @@ from .robust import label as attack_label
 
 # --------------------------------------------------------------------------- the field's protocol
 # (docs/robustness.md; settings: evaluate.robust)
-def predicted_class(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the classes of logits (N, C, H, W) -> (N, H, W), the first of equals, as
-    ``argmax(1)``; which on the CPU is far slower (torch 2.13, 2 threads, (32, 6, 32, 32):
-    6.3 ms against 0.36 ms for ``max(1).indices``)."""
-    return logits.max(1).indices
-
-
 def image_states(logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tensor | None, n_classes: int,
                  threshold: float) -> torch.Tensor:
     """:meth:`SegMetrics.state` of every image on its own: (N, 3C + 7) float64 on the CPU,
@@ -54,8 +48,8 @@ def image_states(logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tens
     paper = torch.stack([(fired & truth).flatten(1).sum(1), (fired & ~truth).flatten(1).sum(1),
                          (~fired & truth).flatten(1).sum(1)], 1).double()
     raw = pixels if channels is not None else torch.zeros_like(pixels)
-    return torch.cat([loss[:, None], pixels[:, None], correct[:, None], tp, hist.sum(1) - tp,
-                      hist.sum(2) - tp, paper, raw[:, None]], 1).cpu()
+    return pack_state(loss_sum=loss, pixels=pixels, correct=correct, tp=tp, fp=hist.sum(1) - tp,
+                      fn=hist.sum(2) - tp, paper=paper, paper_raw=raw).cpu()
 
 
 def curve_points(steps: int, every: int) -> list[int]:
@@ -99,7 +93,7 @@ class StepStates:
                 self.at[t] = self.states(logits)
             return
         u, start = self.counts[t]
-        acc = (predicted_class(logits) == self.masks).flatten(1).double().mean(1)  # ordered as pixel_accuracy
+        acc = pixel_accuracy(logits, self.masks)
         if start:
             self.low, self.low_acc = logits.detach().clone(), acc
         else:
@@ -120,10 +114,10 @@ class StepStates:
 
 def worst_of(states: torch.Tensor) -> torch.Tensor:
     """states (K, ..., N, S) of K candidates -> (..., N, S): per image the candidate of lowest
-    pixel accuracy, the first of equals (as ``attacks.worst_case`` chooses); NaN rows (no
-    valid point) are never chosen unless all are NaN."""
-    acc = torch.nan_to_num(states[..., 2] / states[..., 1], nan=math.inf)
-    which = acc.argmin(0)  # the first minimum
+    pixel accuracy, the first of equals, by the rule of ``robust.worst_case``
+    (:func:`mlsys.metrics.worst_candidate`); NaN rows (no valid point) are never chosen
+    unless all are NaN."""
+    which = worst_candidate(state_accuracy(states))
     return torch.gather(states, 0, which[None, ..., None].expand((1,) + states.shape[1:]))[0]
 
 
@@ -180,7 +174,7 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     masks (N, H, W), bits as SegMetrics.update takes them, tissue (N,) int64 index of each
     image's tissue (of ``n_tissues``). For every radius r (eps = r / 255) every attack runs
     with a generator seeded by ``robust_seed`` (shards and ranks agree), then per image the
-    worst case over the attacks (``attacks.worst_case``). Returns summed states (S = 3C + 7):
+    worst case over the attacks (``robust.worst_case``). Returns summed states (S = 3C + 7):
     "robust_attack" (R, A, S), "robust_worst" (R, S), "robust_curve" (R, A + 1, P, S) at
     ``curve_points`` (the last row: per image the worst of the attacks at each point; NaN
     where an attack has no point inside the eps-ball, see ``StepStates``),

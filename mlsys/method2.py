@@ -82,19 +82,10 @@ def _short_list(scores: torch.Tensor, k: int, select: str) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- screened search
-def base3_digits(n_classes: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(3^C, C) int64: digit c of every base-3 index (0 -> sign 0, 1 -> +1, 2 -> -1)."""
-    powers = 3 ** torch.arange(n_classes, device=device)
-    return (torch.arange(3**n_classes, device=device)[:, None] // powers) % 3
-
-
 def neighbours(index: int, n_classes: int) -> list[int]:
     """The 2C indices one digit (one class's sign) away from ``index``, class by class."""
-    out = []
-    for c in range(n_classes):
-        digit = (index // 3**c) % 3
-        out += [index + (v - digit) * 3**c for v in range(3) if v != digit]
-    return out
+    digits = ops.base3_digits(index, n_classes).tolist()
+    return [ops.with_digit(index, c, v) for c in range(n_classes) for v in range(3) if v != digits[c]]
 
 
 def one_class_effects(logits: dict[int, torch.Tensor], centre: int, n_classes: int) -> torch.Tensor:
@@ -102,11 +93,11 @@ def one_class_effects(logits: dict[int, torch.Tensor], centre: int, n_classes: i
     zero at the centre's own digit; ``logits`` holds the centre and its neighbours."""
     base = logits[centre]
     effects = torch.zeros(n_classes, 3, *base.shape, device=base.device)
+    digits = ops.base3_digits(centre, n_classes).tolist()
     for c in range(n_classes):
-        digit = (centre // 3**c) % 3
         for v in range(3):
-            if v != digit:
-                effects[c, v] = logits[centre + (v - digit) * 3**c] - base
+            if v != digits[c]:
+                effects[c, v] = logits[ops.with_digit(centre, c, v)] - base
     return effects
 
 
@@ -137,7 +128,7 @@ def screened_scores(model: torch.nn.Module, x: torch.Tensor, dirs: torch.Tensor,
     bf16-autocast forwards), +inf (argmin) or -inf (argmax) for the others."""
     C = dirs.shape[0]
     total = 3**C
-    digits = base3_digits(C, x.device)
+    digits = ops.base3_digits(torch.arange(total, device=x.device), C)  # (3^C, C) of every candidate
     worst = float("inf") if select == "argmin" else float("-inf")
     dtype = torch.bfloat16 if amp else torch.float32
     scores = torch.full((total,), worst, device=x.device)

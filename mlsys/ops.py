@@ -41,10 +41,24 @@ from .params import InputError
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
-def index_signs(index: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Base-3 indices (K,) int64 -> sign vectors (K, n_classes) int8 in {-1, 0, +1}."""
+def base3_digits(index: torch.Tensor | int, n_classes: int) -> torch.Tensor:
+    """The base-3 digits of candidate indices, least significant (class 0) first: index
+    (...) int64 tensor, or a Python int -> (..., n_classes) int64 in {0, 1, 2} on index's
+    device. The one definition of the digit arithmetic (signs: :func:`index_signs`)."""
+    index = torch.as_tensor(index, dtype=torch.int64)
     powers = 3 ** torch.arange(n_classes, device=index.device, dtype=torch.int64)
-    digits = (index[:, None] // powers) % 3
+    return (index[..., None] // powers) % 3
+
+
+def with_digit(index: int, c: int, digit: int) -> int:
+    """Base-3 index ``index`` with its digit c (class c's sign) set to ``digit`` in {0, 1, 2}."""
+    return index + (digit - int(base3_digits(index, c + 1)[c])) * 3**c
+
+
+def index_signs(index: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Base-3 indices (K,) int64 -> sign vectors (K, n_classes) int8 in {-1, 0, +1}
+    (digit 0 -> 0, 1 -> +1, 2 -> -1)."""
+    digits = base3_digits(index, n_classes)
     return torch.where(digits == 2, -1, digits).to(torch.int8)
 
 

@@ -71,9 +71,12 @@ def over_seeds(tables: list[dict], columns: list[str] = COLUMNS) -> tuple[dict, 
     return mean, std
 
 
-def _nan_stat(stat, values: np.ndarray, **kw) -> np.ndarray:
-    """``stat`` (np.nanmean, np.nanstd) over axis 0, NaN where a column has no number (a
-    class absent in every seed), without numpy's warning about it."""
+def _nan_stat(stat, values, **kw) -> np.ndarray:
+    """``stat`` (np.nanmean, np.nanstd, np.nanmin, np.nanmax) over axis 0 of ``values`` (an
+    array, or nested lists with None for no number), NaN where a column has no number (a
+    class absent in every seed), without numpy's warning about it. The one NaN-aware
+    reduction of the report."""
+    values = np.array(values, dtype=float)  # None -> NaN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return stat(values, 0, **kw)
@@ -150,15 +153,6 @@ def robust_rows(evals: dict[str, dict]) -> dict[str, dict[str, float]]:
                 for metric in ROBUST_METRICS} for m, e in evals.items()}
 
 
-def _value(v) -> float:
-    return math.nan if v is None else float(v)
-
-
-def _nanmean(values) -> float:
-    a = np.array([_value(v) for v in values], dtype=float)
-    return float(np.nanmean(a)) if np.isfinite(a).any() else math.nan
-
-
 def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
     """The report's view of the "robust" sections, or None where an evaluation has none:
     "radii"; "table"/"table_std" (rows models, columns ``robust_columns``: the worst case
@@ -184,17 +178,17 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
     for m in MODELS:
         for label, get in (("clean dice", lambda e, t: e["robust"]["tissue"][t]["clean"]["dice"]),
                            (f"eps {top}/255 dice", lambda e, t: e["robust"]["tissue"][t]["worst"][top]["dice"])):
-            tissue[f"{m} {label}"] = [_nanmean(get(s[m], t) for s in per_seed.values()
-                                               if t in s[m]["robust"]["tissue"]) for t in tissues]
+            tissue[f"{m} {label}"] = [float(_nan_stat(np.nanmean, [get(s[m], t) for s in per_seed.values()
+                                                                   if t in s[m]["robust"]["tissue"]]))
+                                      for t in tissues]
     curves: dict[str, dict] = {}
     for name in [*evals[0]["robust"]["attacks"], "worst"]:  # the protocol's order (the JSON's keys are sorted)
         for m in MODELS:
             runs = [s[m]["robust"]["curves"][name][top] for s in per_seed.values()]
-            values = np.array([[_value(v) for v in r["dice"]] for r in runs], dtype=float)  # (seeds, points)
-            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
-                __import__("warnings").simplefilter("ignore", RuntimeWarning)
-                curves.setdefault(name, {})[m] = {"steps": runs[0]["steps"], "mean": np.nanmean(values, 0).tolist(),
-                                                  "lo": np.nanmin(values, 0).tolist(), "hi": np.nanmax(values, 0).tolist()}
+            values = [r["dice"] for r in runs]  # (seeds, points)
+            curves.setdefault(name, {})[m] = {"steps": runs[0]["steps"],
+                                              **{k: _nan_stat(stat, values).tolist() for k, stat in
+                                                 (("mean", np.nanmean), ("lo", np.nanmin), ("hi", np.nanmax))}}
     clean = {m: {k: (cmean[f"clean {k}"][i], cstd[f"clean {k}"][i]) for k in ROBUST_METRICS}
              for i, m in enumerate(cmean["model"])}
     return {"radii": radii, "top": top, "table": mean, "table_std": std, "tissue": tissue, "curves": curves,

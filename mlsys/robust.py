@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import Loss, OnStep, logits_and_grad, pgd, signed_steps, uniform_start
+from .metrics import pixel_accuracy, predicted_class, worst_candidate
 from .model import eval_mode
 from .params import ParamsError, RobustParams
 
@@ -37,18 +38,15 @@ from .params import ParamsError, RobustParams
 StepLoss = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (logits, y, t, steps) -> (N,)
 
 
-def _pixel_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per pixel (N, H, W), in float32 whatever the logits' dtype."""
+def pixel_ce_map(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every pixel: logits (N, C, H, W), y (N, H, W) -> (N, H, W) float32,
+    whatever the logits' dtype."""
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
 def _image_mean(per_pixel: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) -> (N,): the mean over each image's pixels."""
     return per_pixel.flatten(1).mean(1)
-
-
-def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Share of pixels whose argmax class is the true one, per image (N,) in [0, 1]."""
-    return _image_mean((logits.max(1).indices == y).float())
 
 
 def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> torch.Tensor:
@@ -61,9 +59,9 @@ def segpgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int, steps: int) -> to
     shashankskagnihotri/cospgd does the same, iteration/(2*iterations) from 0).
     Correct/wrong is the argmax of the same logits; the weights carry no gradient."""
     lam = t / (2 * steps)
-    correct = logits.max(1).indices == y
+    correct = predicted_class(logits) == y
     weight = torch.where(correct, 1.0 - lam, lam)
-    return _image_mean(weight * _pixel_ce(logits, y))
+    return _image_mean(weight * pixel_ce_map(logits, y))
 
 
 def cospgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int = 0, steps: int = 1) -> torch.Tensor:
@@ -74,19 +72,20 @@ def cospgd_loss(logits: torch.Tensor, y: torch.Tensor, t: int = 0, steps: int = 
     p = logits.float().softmax(1)
     onehot = F.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2).float()
     cos = F.cosine_similarity(p, onehot, dim=1)
-    return _image_mean(cos.detach() * _pixel_ce(logits, y))
+    return _image_mean(cos.detach() * pixel_ce_map(logits, y))
 
 
 def image_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean pixel cross-entropy per image (N,): APGD's loss, and SEA's tracked loss."""
-    return _image_mean(_pixel_ce(logits, y))
+    """Mean pixel cross-entropy of each image: logits (N, C, H, W), y (N, H, W) -> (N,)
+    float32. APGD's loss, and SEA's tracked loss."""
+    return _image_mean(pixel_ce_map(logits, y))
 
 
 def masked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """SEA's Mask-CE: the CE of the pixels still classified correctly (mask detached),
     zero elsewhere, mean over ALL pixels (N,): fooled pixels stop pulling."""
-    correct = (logits.max(1).indices == y).float()
-    return _image_mean(correct * _pixel_ce(logits, y))
+    correct = (predicted_class(logits) == y).float()
+    return _image_mean(correct * pixel_ce_map(logits, y))
 
 
 def inverse_frequency(counts: torch.Tensor) -> torch.Tensor:
@@ -120,8 +119,8 @@ def balanced_masked_ce(logits: torch.Tensor, y: torch.Tensor, weights: torch.Ten
             raise ValueError(f"class weights of shape {tuple(weights.shape)} are not ({c},)")
         w = weights.to(logits.device).float().expand(n, c)
     pixel_w = torch.gather(w, 1, y.flatten(1)).view_as(y)
-    correct = (logits.max(1).indices == y).float()
-    return _image_mean(correct * pixel_w * _pixel_ce(logits, y))
+    correct = (predicted_class(logits) == y).float()
+    return _image_mean(correct * pixel_w * pixel_ce_map(logits, y))
 
 
 def js_divergence(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -344,7 +343,8 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
 def worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, candidates: Sequence[torch.Tensor], *,
                amp: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image, the candidate adversarial image with the lowest pixel accuracy
-    (earlier candidates win ties), as SEA reports its pixel accuracy.
+    (earlier candidates win ties: :func:`mlsys.metrics.worst_candidate`, the rule the
+    evaluate stage's curves choose by too), as SEA reports its pixel accuracy.
 
     x: (N, 3, H, W) clean images (only checked for shape); y: (N, H, W) int64;
     candidates: adversarial batches like x. One forward per candidate. Returns
@@ -357,10 +357,10 @@ def worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, candida
     with eval_mode(model):
         accs = torch.stack([pixel_accuracy(logits_and_grad(model, c, None, amp, grad=False)[0], y)
                             for c in candidates])  # (K, N)
-    which = accs.argmin(0)  # the first minimum
+    which = worst_candidate(accs)  # the first minimum
     stacked = torch.stack([c.detach() for c in candidates])  # (K, N, 3, H, W)
     adv = stacked[which, torch.arange(x.shape[0], device=x.device)]
-    return adv, accs.min(0).values, which
+    return adv, accs.gather(0, which[None])[0], which
 
 
 # SEA's three losses, in the order its worst-case search starts from

@@ -3,9 +3,10 @@
 Conventions (docs/workflows.md, "What every run records"):
 - The tracking URI is always explicit and absolute: ``MLFLOW_TRACKING_URI`` if set,
   else a SQLite file ``mlflow.db`` at the repository root.
-- One parent run per pipeline invocation, one child run per executed stage, named
-  after the DVC stage (``train@model1``). Stages of one ``dvc repro`` find their
-  parent through the DVC process they run under (or ``MLSYS_PARENT_RUN_ID``).
+- One parent run per pipeline invocation (``pipeline <date time>``), one child run per
+  executed stage, named after the DVC stage (:func:`mlsys.paths.stage_name`:
+  ``train-model1@0``, ``prepare``). Stages of one ``dvc repro`` find their parent
+  through the DVC process they run under (or ``MLSYS_PARENT_RUN_ID``).
 - A stage that raises ends its run FAILED; SIGINT/SIGTERM end it KILLED. The parent
   is RUNNING only while one of its stages runs.
 """

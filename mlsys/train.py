@@ -32,7 +32,7 @@ from . import entry
 from .distributed import Group, all_sum, broadcast
 from .files import atomic_path
 from .hardware import machine, pick_device
-from .metrics import evaluate
+from .metrics import evaluate_model
 from .model import UNet, build_model
 from .params import MODELS, TrainParams, method_tag
 from .progress import bar as progress_bar
@@ -190,7 +190,8 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
         total, seen = all_sum(torch.tensor([total, seen], dtype=torch.float64), group).tolist()
         lo, hi = rank * len(valid[0]) // world, (rank + 1) * len(valid[0]) // world
         bits = valid[2][lo:hi] if len(valid) > 2 and valid[2] is not None else None  # the paper metric's truth
-        val = evaluate(model, valid[0][lo:hi], valid[1][lo:hi], cfg.batch_size, device, group=group, channels=bits)
+        val = evaluate_model(model, valid[0][lo:hi], valid[1][lo:hi], cfg.batch_size, device, group=group,
+                             channels=bits)
         row = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": total / seen,
                "valid_loss": val["loss"], "valid_accuracy": val["accuracy"],
                "valid_dice": val["dice"], "valid_jaccard": val["jaccard"],

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from mlsys.attacks import full_area, input_grad, pgd
 from mlsys.method1 import method_one
-from mlsys.method2 import base3_digits, class_directions, method_two, neighbours, one_class_effects, screened_scores, search_image, separable_logits
+from mlsys.method2 import class_directions, method_two, neighbours, one_class_effects, screened_scores, search_image, separable_logits
 from mlsys.model import UNet
-from mlsys.ops import candidates_ref, index_signs
+from mlsys.ops import base3_digits, candidates_ref, index_signs
 from mlsys.params import Method1Params, Method2Params, Params, ParamsError
 
 SIZE = 8
@@ -266,7 +266,8 @@ def test_the_separable_guess_is_exact_for_a_linear_model():
     with torch.no_grad():
         every = model(candidates_ref(x[0], dirs, 0, 3**C))
     logits = {i: every[i] for i in [5, *neighbours(5, C)]}
-    guess = separable_logits(logits[5], one_class_effects(logits, 5, C), base3_digits(C))
+    guess = separable_logits(logits[5], one_class_effects(logits, 5, C),
+                             base3_digits(torch.arange(3**C), C))
     torch.testing.assert_close(guess, every, atol=1e-5, rtol=1e-5)
     table = brute_force(model, x[0], dirs, masks[0], "l1")
     scores = screened_scores(model, x[0], dirs, masks[0], "l1", "argmin", chunk=7, screen_k=1)

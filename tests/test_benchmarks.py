@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,25 @@ def test_gpu_check_runs_its_steps_at_the_cpu_size(tmp_path):
     for step in ("op-tests", "method2", "pipeline"):
         assert f"== {step}" in proc.stdout and (out / f"{step}.log").exists(), step
     assert "FAILED" not in proc.stdout
+    import pipeline
+
     result = json.loads((out / "pipeline_cpu-small_cpu.json").read_text())
     assert {r["stage"].split(" (")[0] for r in result["fold2"]} == {
         "training", "validation passes", "method one", "method two", "evaluation"}
-    assert all(r["ms_per_image"] > 0 for r in result["fold2"]) and result["total_minutes"] > 0
-    assert (out / "method2_cpu-small.json").exists()
+    # the rows are the fold-2 extrapolation of the stage times it measured, at the settings named
+    assert result["settings"] == asdict(pipeline.CONFIGS["cpu-small"]()) and result["seeds"] == 1
+    assert all(result["per_image_s"][k] > 0 for k in ("train step", "PGD step", "method one", "method two",
+                                                       "method two, screened", "evaluation", "forward"))
+    assert result["fold2"] == pipeline.extrapolate(result["per_image_s"], result["seeds"])
+    assert result["total_minutes"] == sum(r["minutes"] for r in result["fold2"])
+    assert result["ops"] != "reference"  # the op tests required native ops: those are timed
+    assert "attack loops fp32" in (out / "pipeline.log").read_text()  # cpu-small: amp off, as resolved
+    # method two's benchmark validated the native ops against the references before timing them
+    m2 = json.loads((out / "method2_cpu-small.json").read_text())
+    assert m2["backend"] != "reference" and m2["config"]["size"] == 32  # not the reference against itself
+    valid = m2["runs"]["validation"]["float32"]
+    assert valid["candidates_max_abs_err"] <= 1e-6 and valid["scores_max_abs_err"] <= 1e-5
+    assert "(b) fp32" in m2["runs"]["timings"] and m2["runs"]["fastest"] in m2["runs"]["timings"]
 
 
 def test_screened_benchmark_validates_and_reports_every_search(tmp_path):

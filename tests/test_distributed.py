@@ -25,6 +25,8 @@ import torch
 import yaml
 
 from micro import MICRO, clone, env_for, make_repo, merge, run, runs_of
+from mlsys.model import build_model
+from mlsys.params import load_params
 
 MLSYS = (sys.executable, "-m", "mlsys")
 
@@ -69,7 +71,12 @@ def test_two_process_ddp_training_matches_one_process(tmp_path):
     assert single.keys() == double.keys()
     worst = max(float((single[k] - double[k]).abs().max()) for k in single)
     assert worst < 1e-5, f"2-process weights differ from 1-process by {worst}"
-    assert any(not torch.equal(single[k], double[k]) for k in single) or worst == 0
+    # "within 1e-5" says something only if training moved the weights far beyond it (a stage
+    # that saved its initial weights would pass the comparison above): ~0.02 measured
+    torch.manual_seed(0)  # the train stage's initialisation of seed 0
+    init = build_model(load_params(repo / "params.yaml").model).state_dict()
+    moved = max(float((single[k] - init[k]).abs().max()) for k in single)
+    assert moved > 100 * 1e-5, f"training moved the weights by {moved} only"
 
     _, runs = runs_of(repo)
     train = [r for r in runs if r.info.run_name == "train-model1@0"]

@@ -15,7 +15,7 @@ from mlsys.robust import untargeted
 from mlsys.distributed import ChunkStore, Shard
 from mlsys.data import split_tissues
 from mlsys.evaluate import curve_points, evaluate_split, image_states, robust_results, robust_seed, train_class_weights
-from mlsys.metrics import SegMetrics
+from mlsys.metrics import SegMetrics, unpack_state
 from mlsys.model import UNet
 from mlsys.params import AttackParams, DataParams, EvaluateParams, ParamsError, RobustParams, load_params
 
@@ -55,9 +55,11 @@ def run(model, path, cfg, folder, shard=None):
     return evaluate_split(model, path, "test", cfg, CPU, ChunkStore(folder, {}), shard=shard, progress=False)
 
 
-def counts(m: SegMetrics) -> list[float]:
-    """Every count of a state but the loss (a float sum, equal only up to float order)."""
-    return m.state()[1:].tolist()
+def counts(m: SegMetrics | torch.Tensor) -> dict[str, float | list[float]]:
+    """Every count of a SegMetrics or a state (S,) but the loss (a float sum, equal only up
+    to float order), by field name."""
+    state = m.state() if isinstance(m, SegMetrics) else m
+    return {k: v.tolist() for k, v in unpack_state(state).items() if k != "loss_sum"}
 
 
 def forward(model, x):
@@ -79,9 +81,9 @@ def test_image_states_are_segmetrics_of_each_image_alone():
             one = SegMetrics()
             one.update(logits[i:i + 1], masks[i:i + 1], None if b is None else b[i:i + 1])
             whole.update(logits[i:i + 1], masks[i:i + 1], None if b is None else b[i:i + 1])
-            assert rows[i, 1:].tolist() == one.state()[1:].tolist()
-            assert rows[i, 0].item() == pytest.approx(one.loss_sum, rel=1e-6)
-        assert rows.sum(0)[1:].tolist() == whole.state()[1:].tolist()
+            assert counts(rows[i]) == counts(one)
+            assert unpack_state(rows[i])["loss_sum"].item() == pytest.approx(one.loss_sum, rel=1e-6)
+        assert counts(rows.sum(0)) == counts(whole)
     with pytest.raises(ValueError, match="need 6 classes"):
         image_states(logits[:, :4], masks.clamp(max=3), bits, 4, 0.1)
 

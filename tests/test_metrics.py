@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, log_loss
 
-from mlsys.metrics import SegMetrics
+from mlsys.metrics import (STATE_FIELDS, SegMetrics, pack_state, pixel_accuracy, predicted_class, state_accuracy,
+                           state_size, unpack_state, worst_candidate)
 from mlsys.params import CLASS_NAMES
 
 
@@ -64,6 +65,49 @@ def test_merge_equals_single_pass():
     ra, rw = a.merge(b).result(), whole.result()
     for k in rw:
         assert (math.isnan(rw[k]) and math.isnan(ra[k])) or ra[k] == pytest.approx(rw[k])
+
+
+def test_state_layout_is_named_and_round_trips():
+    """pack_state / unpack_state / from_state agree on one layout: every field where its name
+    says, the accuracy of a state that of the metrics, and a wrong length refused."""
+    logits, masks = batches(3)
+    m = SegMetrics()
+    m.update(logits, masks)
+    state = torch.from_numpy(m.state())
+    assert state.shape == (state_size(6),) == (3 * 6 + 7,)
+    u = unpack_state(state)
+    assert tuple(u) == STATE_FIELDS
+    assert u["pixels"].item() == m.pixels == masks.numel() and u["correct"].item() == m.correct
+    assert u["loss_sum"].item() == m.loss_sum and u["paper_raw"].item() == m.paper_raw == 0
+    for k in ("tp", "fp", "fn", "paper"):
+        assert u[k].tolist() == getattr(m, k).tolist(), k
+    assert torch.equal(pack_state(**u), state)
+    assert state_accuracy(state).item() == m.result()["accuracy"]
+    back = SegMetrics.from_state(state.numpy(), 6, 0.1)
+    assert back.result() == pytest.approx(m.result(), nan_ok=True)
+    rows = torch.stack([state, 2 * state]).view(2, 1, -1)  # leading axes are kept
+    assert unpack_state(rows)["tp"].shape == (2, 1, 6) and state_accuracy(rows).shape == (2, 1)
+    with pytest.raises(ValueError, match="3C \\+ 7"):
+        unpack_state(state[:-1])
+    with pytest.raises(ValueError, match="has 25 counts"):
+        SegMetrics.from_state(state[:-1], 6, 0.1)
+
+
+def test_pixel_accuracy_and_the_worst_candidate_rule():
+    logits, masks = batches(4)
+    acc = pixel_accuracy(logits, masks)
+    assert acc.shape == (3,) and acc.dtype == torch.float32
+    for i in range(3):
+        m = SegMetrics()
+        m.update(logits[i:i + 1], masks[i:i + 1])
+        assert acc[i].item() == pytest.approx(m.result()["accuracy"], abs=1e-7)
+    assert predicted_class(logits).tolist() == logits.argmax(1).tolist()
+    nan = math.nan
+    acc = torch.tensor([[0.5, 0.2, nan, 0.3],
+                        [0.5, 0.1, nan, 0.3],  # ties at images 1 and 3: the earlier wins
+                        [0.4, 0.1, nan, 0.3]])
+    assert worst_candidate(acc).tolist() == [2, 1, 0, 0]  # NaN never chosen unless all are NaN
+    assert worst_candidate(acc[:, None]).shape == (1, 4)
 
 
 # --------------------------------------------------------------------------- the authors' "paper" truth
@@ -151,11 +195,11 @@ def test_paper_variant_equals_the_authors_counts(tmp_path):
     assert semantic.paper_truth == "semantic" and back.merge(semantic).paper_truth == "mixed"
 
 
-def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
+def test_evaluate_model_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     from mlsys import data, prepare
     from mlsys.distributed import ChunkStore
     from mlsys.evaluate import evaluate_split
-    from mlsys.metrics import evaluate
+    from mlsys.metrics import evaluate_model
     from mlsys.model import UNet
     from mlsys.params import AttackParams, EvaluateParams
 
@@ -166,7 +210,7 @@ def test_evaluate_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     with torch.no_grad():
         prob = model(images).softmax(1).numpy()
     expect = authors_counts(prob, raw[data.split_of(out, "test")])
-    r = evaluate(model, images, masks, 8, torch.device("cpu"), channels=bits)
+    r = evaluate_model(model, images, masks, 8, torch.device("cpu"), channels=bits)
     tp, fp, fn = expect
     assert r["paper_dice"] == 2 * tp / (2 * tp + fp + fn) and r["paper_truth_raw"] == 1.0
     cfg = EvaluateParams(attack=AttackParams(steps=1, batch_size=8))

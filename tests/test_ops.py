@@ -87,6 +87,26 @@ def test_index_signs_decoding():
     assert signs[5].tolist() == [-1] * 6
 
 
+def test_base3_digits_and_with_digit():
+    """The one digit arithmetic: digit c of i is (i // 3**c) % 3 for tensors of any shape and
+    Python ints, and with_digit sets one digit and leaves the others."""
+    C = 5
+    index = torch.arange(3**C)
+    digits = ops.base3_digits(index, C)
+    assert digits.shape == (3**C, C) and digits.dtype == torch.int64
+    assert digits.tolist() == [[(i // 3**c) % 3 for c in range(C)] for i in range(3**C)]
+    assert ops.base3_digits(index.view(9, 27), C).tolist() == digits.view(9, 27, C).tolist()
+    assert ops.base3_digits(200, C).tolist() == digits[200].tolist() == [2, 0, 1, 1, 2]
+    assert (digits * 3 ** torch.arange(C)).sum(1).tolist() == index.tolist()  # they spell the index
+    for i in (0, 17, 200, 3**C - 1):
+        for c in range(C):
+            for v in range(3):
+                j = ops.with_digit(i, c, v)
+                want = digits[i].clone()
+                want[c] = v
+                assert digits[j].tolist() == want.tolist(), (i, c, v)
+
+
 # --------------------------------------------------------------------------- candidates
 
 @pytest.mark.parametrize("device", DEVICES)
