@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from . import entry, hardware
 from .attacks import attack_from_params, check_mode, fast
-from .metrics import (SegMetrics, pack_state, paper_truth, pixel_accuracy, predict, predicted_class, state_accuracy,
-                      worst_candidate)
+from .metrics import (SegMetrics, image_hist, image_miou, pack_state, paper_truth, pixel_accuracy, predict,
+                      predicted_class, state_accuracy, unpack_state, worst_candidate)
 from .model import eval_mode
 from .params import MODELS
 from .results import json_clean, radius_key
@@ -29,7 +29,7 @@ from .robust import label as attack_label
 # (docs/robustness.md; settings: evaluate.robust)
 def image_states(logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tensor | None, n_classes: int,
                  threshold: float) -> torch.Tensor:
-    """:meth:`SegMetrics.state` of every image on its own: (N, 3C + 7) float64 on the CPU,
+    """:meth:`SegMetrics.state` of every image on its own: (N, 3C + 9) float64 on the CPU,
     for logits (N, C, H, W), masks (N, H, W) int64 and channel bits (N, H, W) or None.
     Rows add up to the state of the batch (counts exactly, the loss up to float order), so
     per-image choices (worst case, tissue) are sums of rows. Reference: SegMetrics.update
@@ -40,8 +40,7 @@ def image_states(logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tens
     pred = predicted_class(logits)
     pixels = torch.full((n,), float(masks[0].numel()), dtype=torch.float64, device=logits.device)
     correct = (pred == masks).flatten(1).sum(1).double()
-    offset = torch.arange(n, device=masks.device).view(n, 1, 1) * (C * C)
-    hist = torch.bincount((offset + masks * C + pred).flatten(), minlength=n * C * C).view(n, C, C).double()
+    hist = image_hist(pred, masks, C)
     tp = hist.diagonal(dim1=1, dim2=2)
     fired = logits.softmax(1) >= threshold
     truth = paper_truth(masks, channels, C)
@@ -49,7 +48,8 @@ def image_states(logits: torch.Tensor, masks: torch.Tensor, channels: torch.Tens
                          (~fired & truth).flatten(1).sum(1)], 1).double()
     raw = pixels if channels is not None else torch.zeros_like(pixels)
     return pack_state(loss_sum=loss, pixels=pixels, correct=correct, tp=tp, fp=hist.sum(1) - tp,
-                      fn=hist.sum(2) - tp, paper=paper, paper_raw=raw).cpu()
+                      fn=hist.sum(2) - tp, paper=paper, paper_raw=raw, images=torch.ones_like(pixels),
+                      miou_image=image_miou(hist)).cpu()
 
 
 def curve_points(steps: int, every: int) -> list[int]:
@@ -174,7 +174,7 @@ def robust_chunk(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tens
     masks (N, H, W), bits as SegMetrics.update takes them, tissue (N,) int64 index of each
     image's tissue (of ``n_tissues``). For every radius r (eps = r / 255) every attack runs
     with a generator seeded by ``robust_seed`` (shards and ranks agree), then per image the
-    worst case over the attacks (``robust.worst_case``). Returns summed states (S = 3C + 7):
+    worst case over the attacks (``robust.worst_case``). Returns summed states (S = 3C + 9):
     "robust_attack" (R, A, S), "robust_worst" (R, S), "robust_curve" (R, A + 1, P, S) at
     ``curve_points`` (the last row: per image the worst of the attacks at each point; NaN
     where an attack has no point inside the eps-ball, see ``StepStates``),
@@ -334,10 +334,12 @@ def worst_miou(states: np.ndarray, worst: np.ndarray, names: list[str], n_classe
     pixel accuracy (its summed state ``worst`` (S,)); both the mean IoU over all classes whose
     union is non-zero, background included, as worse_only.py computes it:
     {"greedy", "by_accuracy", "candidates", "chosen": {candidate: images}, "rounds"}."""
-    C = n_classes
-    tp, fp, fn = (states[..., 3 + i * C:3 + (i + 1) * C] for i in range(3))
+    u, w = unpack_state(torch.from_numpy(states)), unpack_state(torch.from_numpy(worst))
+    if u["tp"].shape[-1] != n_classes:
+        raise ValueError(f"states of {u['tp'].shape[-1]} classes, expected {n_classes}")
+    tp, fp, fn = (u[k].numpy() for k in ("tp", "fp", "fn"))
     greedy, chosen, rounds = greedy_worst_miou(tp, tp + fp + fn)
-    wtp, wfp, wfn = (worst[3 + i * C:3 + (i + 1) * C] for i in range(3))
+    wtp, wfp, wfn = (w[k].numpy() for k in ("tp", "fp", "fn"))
     union = wtp + wfp + wfn
     return {"greedy": greedy, "by_accuracy": float(np.mean(wtp[union > 0] / union[union > 0])),
             "candidates": list(names), "chosen": {c: chosen.count(i) for i, c in enumerate(names)}, "rounds": rounds}
@@ -479,7 +481,9 @@ def _show(v: float | None) -> str:
 
 def log_robust(section: dict) -> None:
     """The "robust" section of an evaluation JSON into the active MLflow run: worst case per
-    radius as ``robust/eps<r>/<metric>``, each attack's as ``robust/<attack>/eps<r>/<metric>``,
+    radius as ``robust/eps<r>/<metric>`` (every metric of SegMetrics.result, the mIoU family
+    included), each attack's as ``robust/<attack>/eps<r>/<metric>`` (accuracy, dice, jaccard,
+    paper_dice, miou, miou_nuclei, nmiou, miou_image),
     per tissue ``robust/tissue/<tissue>/{clean,eps<r>}/{dice,accuracy}``, the worst-case mIoU
     ``robust/eps<r>/miou_{greedy,by_accuracy}``, and the curves as
     step metrics ``curve/<attack or worst>/eps<r>/{dice,accuracy}`` and ``curve/paper/...``
@@ -496,7 +500,8 @@ def log_robust(section: dict) -> None:
         put(flat, f"robust/eps{r}", m)
     for a, per_r in section["per_attack"].items():
         for r, m in per_r.items():
-            put(flat, f"robust/{a}/eps{r}", m, ("accuracy", "dice", "jaccard", "paper_dice"))
+            put(flat, f"robust/{a}/eps{r}", m, ("accuracy", "dice", "jaccard", "paper_dice", "miou", "miou_nuclei",
+                                                "nmiou", "miou_image"))
     for t, e in section["tissue"].items():
         put(flat, f"robust/tissue/{t}/clean", e["clean"], ("accuracy", "dice"))
         for r, m in e["worst"].items():

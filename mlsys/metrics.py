@@ -28,6 +28,31 @@ batch of images (used in training for validation and by the evaluate stage).
   0.8196 semantic, paper_jaccard 0.6783 vs 0.6944 (standard metrics unchanged). Synthetic 40 x 256x256 (2.96 % void): 0.9850.
 Accuracy is the fraction of pixels whose argmax equals the label; loss the mean
 pixel cross-entropy. Counts are sums, so batches (and shards) simply add up.
+
+The mIoU family the robustness literature reports (argmax, the "standard" counts):
+  "miou": per class c IoU_c = TP_c / (TP_c + FP_c + FN_c) from the counts pooled over
+  the whole split, then the mean over all C classes, background included; a class whose
+  union is 0 over the whole split (absent from truth and prediction) is left out of the
+  mean. As SEA computes it (nmndeep/Robust-Segmentation, tools/infer.py, eval_performance:
+  ``ind = union_cls > 0; m_iou = (int_cls[ind] / union_cls[ind]).mean()``; likewise
+  semseg/metrics.py ``ious[~ious.isnan()].mean()``), and as RSE's CmIoU does
+  (szegedai/Robust-Segmentation-Evaluation, rse/metrics.py: torchmetrics JaccardIndex
+  average='macro'; torchmetrics >= 1.4 ``_jaccard_index_reduce`` gives a class with
+  ``confmat.sum(1) + confmat.sum(0) == 0`` weight 0).
+  "miou_nuclei": the same over the five nucleus classes 1..5 -- by definition the
+  "jaccard" key (kept under both names, the same number).
+  "nmiou": RSE's NmIoU as its code computes it (rse/metrics.py ``class NmIoU(IoU)``:
+  JaccardIndex with average='micro', updated batch by batch and computed once in
+  rse/__init__.py ``evaluate``): sum_c TP_c / sum_c (TP_c + FP_c + FN_c), pooled over
+  classes AND the whole split -- not per image. With an argmax label on every pixel,
+  sum TP = correct and sum FP = sum FN = pixels - correct, so nmiou = acc / (2 - acc):
+  no absent-class question arises, and it ranks models exactly as accuracy does.
+  "miou_image": the per-image mIoU averaged over images (what "NmIoU" is sometimes taken
+  to mean; RSE's code has no per-image mean, its composite_attack only scores whole
+  batches): per image the mIoU over its classes with a non-zero union (absent from both
+  its truth and its prediction: left out, SEA's rule applied per image; the convention
+  of counting such a class as IoU 1 -- or 0, torchmetrics < 1.4 -- is not used), summed
+  over images in the state (field "miou_image", with "images"), so chunks add up.
 """
 from __future__ import annotations
 
@@ -44,16 +69,19 @@ from .params import CLASS_NAMES
 
 
 # --------------------------------------------------------------------------- the state vector
-# A state is every count of SegMetrics as one float64 vector (..., S), S = 3C + 7 (exact: pixel
+# A state is every count of SegMetrics as one float64 vector (..., S), S = 3C + 9 (exact: pixel
 # counts stay far below 2**53). States add up: batches, images, shards and chunks merge by
-# summing. The fields, in this order (widths: 1, or C, or 3):
+# summing (the one float field, miou_image, up to float order). The fields, in this order
+# (widths: 1, or C, or 3):
 STATE_FIELDS = ("loss_sum",   # summed pixel cross-entropy
                 "pixels",     # pixels counted
                 "correct",    # pixels whose argmax class is the true one
                 "tp", "fp", "fn",  # (C,) each: the "standard" variant's counts per class
                 "paper",      # (3,): the "paper" variant's pooled TP, FP, FN
-                "paper_raw")  # pixels whose "paper" truth was the raw channel bits
-_SCALARS = ("loss_sum", "pixels", "correct", "paper_raw")
+                "paper_raw",  # pixels whose "paper" truth was the raw channel bits
+                "images",     # images counted
+                "miou_image")  # summed per-image mIoU (image_miou)
+_SCALARS = ("loss_sum", "pixels", "correct", "paper_raw", "images", "miou_image")
 
 
 def _widths(n_classes: int) -> dict[str, int]:
@@ -61,14 +89,14 @@ def _widths(n_classes: int) -> dict[str, int]:
 
 
 def state_size(n_classes: int) -> int:
-    """S, the length of a state of ``n_classes`` classes (3C + 7)."""
+    """S, the length of a state of ``n_classes`` classes (3C + 9)."""
     return sum(_widths(n_classes).values())
 
 
 def pack_state(**counts: torch.Tensor) -> torch.Tensor:
     """The state (..., S) float64 of the counts named by :data:`STATE_FIELDS`, all of them:
-    loss_sum, pixels, correct, paper_raw (...,); tp, fp, fn (..., C); paper (..., 3).
-    The one place a state is built (SegMetrics.state, evaluate.image_states)."""
+    loss_sum, pixels, correct, paper_raw, images, miou_image (...,); tp, fp, fn (..., C);
+    paper (..., 3). The one place a state is built (SegMetrics.state, evaluate.image_states)."""
     if set(counts) != set(STATE_FIELDS):
         raise ValueError(f"a state needs the counts {STATE_FIELDS}, got {tuple(counts)}")
     return torch.cat([(counts[k][..., None] if k in _SCALARS else counts[k]).double() for k in STATE_FIELDS], -1)
@@ -76,13 +104,14 @@ def pack_state(**counts: torch.Tensor) -> torch.Tensor:
 
 def unpack_state(states) -> dict[str, torch.Tensor]:
     """Views of the fields of states (..., S) by name (:data:`STATE_FIELDS`): loss_sum,
-    pixels, correct, paper_raw (...,); tp, fp, fn (..., C); paper (..., 3). C is read
-    from S. The one place a state is read."""
+    pixels, correct, paper_raw, images, miou_image (...,); tp, fp, fn (..., C); paper
+    (..., 3). C is read from S. The one place a state is read."""
     states = torch.as_tensor(states)
     size = states.shape[-1] if states.dim() else 0
     n_classes = (size - state_size(0)) // 3
     if n_classes < 1 or state_size(n_classes) != size:
-        raise ValueError(f"a state has 3C + 7 counts for C >= 1 classes, got shape {tuple(states.shape)}")
+        raise ValueError(f"a state has 3C + {state_size(0)} counts for C >= 1 classes, "
+                         f"got shape {tuple(states.shape)}")
     out, at = {}, 0
     for k, width in _widths(n_classes).items():
         out[k] = states[..., at] if k in _SCALARS else states[..., at:at + width]
@@ -94,6 +123,25 @@ def state_accuracy(states) -> torch.Tensor:
     """Pixel accuracy (...,) of states (..., S): correct / pixels (NaN for a NaN state)."""
     u = unpack_state(states)
     return u["correct"] / u["pixels"]
+
+
+def image_hist(pred: torch.Tensor, masks: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Confusion counts of each image: pred, masks (N, H, W) int64 class ids -> (N, C, C)
+    float64 on their device, [n, true, predicted]. Summed over n: the batch's counts."""
+    n, C = masks.shape[0], n_classes
+    offset = torch.arange(n, device=masks.device).view(n, 1, 1) * (C * C)
+    return torch.bincount((offset + masks * C + pred).flatten(), minlength=n * C * C).view(n, C, C).double()
+
+
+def image_miou(hist: torch.Tensor) -> torch.Tensor:
+    """Per-image mIoU (N,) float64 of confusion counts (N, C, C) (:func:`image_hist`): the
+    mean of TP_c / (TP_c + FP_c + FN_c) over the classes of non-zero union in that image,
+    background included; a class absent from both its truth and its prediction is left
+    out (module docstring: "miou_image"). Reference: tests/test_metrics.py, by hand."""
+    tp = hist.diagonal(dim1=1, dim2=2)
+    union = hist.sum(1) + hist.sum(2) - tp
+    scored = union > 0  # every image has a pixel, so at least one class
+    return torch.where(scored, tp / union.clamp(min=1), 0).sum(1) / scored.sum(1)
 
 
 # --------------------------------------------------------------------------- pixel accuracy
@@ -144,6 +192,8 @@ class SegMetrics:
     fn: torch.Tensor = field(default=None)
     paper: torch.Tensor = field(default=None)  # pooled TP, FP, FN of the "paper" variant
     paper_raw: int = 0  # pixels whose "paper" truth was the raw channel bits (others: semantic one-hot)
+    images: int = 0  # images counted
+    miou_image: float = 0.0  # summed per-image mIoU (image_miou)
 
     def __post_init__(self) -> None:
         z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
@@ -160,7 +210,10 @@ class SegMetrics:
         pred = predicted_class(logits)
         self.correct += (pred == masks).sum().item()
         C = self.n_classes
-        hist = torch.bincount((masks * C + pred).flatten(), minlength=C * C).view(C, C).double().cpu()
+        per_image = image_hist(pred, masks, C)
+        self.images += masks.shape[0]
+        self.miou_image += image_miou(per_image).cpu().sum().item()
+        hist = per_image.sum(0).cpu()  # integer counts: exact in float64
         tp = hist.diag()
         self.tp += tp
         self.fp += hist.sum(0) - tp
@@ -177,7 +230,8 @@ class SegMetrics:
         f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         return pack_state(loss_sum=f64(self.loss_sum), pixels=f64(self.pixels), correct=f64(self.correct),
                           tp=self.tp, fp=self.fp, fn=self.fn, paper=self.paper,
-                          paper_raw=f64(self.paper_raw)).numpy()
+                          paper_raw=f64(self.paper_raw), images=f64(self.images),
+                          miou_image=f64(self.miou_image)).numpy()
 
     @classmethod
     def from_state(cls, vec, n_classes: int, threshold: float) -> "SegMetrics":
@@ -189,7 +243,7 @@ class SegMetrics:
         u = unpack_state(v)
         m.loss_sum, m.pixels, m.correct = float(u["loss_sum"]), int(u["pixels"]), int(u["correct"])
         m.tp, m.fp, m.fn, m.paper = u["tp"].clone(), u["fp"].clone(), u["fn"].clone(), u["paper"].clone()
-        m.paper_raw = int(u["paper_raw"])
+        m.paper_raw, m.images, m.miou_image = int(u["paper_raw"]), int(u["images"]), float(u["miou_image"])
         return m
 
     def merge(self, other: "SegMetrics") -> "SegMetrics":
@@ -197,6 +251,8 @@ class SegMetrics:
         self.pixels += other.pixels
         self.correct += other.correct
         self.paper_raw += other.paper_raw
+        self.images += other.images
+        self.miou_image += other.miou_image
         for name in ("tp", "fp", "fn", "paper"):
             getattr(self, name).add_(getattr(other, name))
         return self
@@ -212,7 +268,9 @@ class SegMetrics:
     def result(self) -> dict[str, float]:
         """Flat metric dict (floats only): loss, accuracy, dice, jaccard (standard macro),
         paper_dice, paper_jaccard, paper_truth_raw (fraction of pixels whose "paper"
-        truth was the raw channels), dice/<class>, jaccard/<class>, n_classes_scored."""
+        truth was the raw channels), dice/<class>, jaccard/<class>, n_classes_scored;
+        miou (all classes), miou_nuclei (= jaccard), nmiou (RSE's, pooled), miou_image
+        (per-image mean): the module docstring."""
         out = {"loss": self.loss_sum / max(self.pixels, 1), "accuracy": self.correct / max(self.pixels, 1)}
         denom = self.tp + self.fp + self.fn
         dice = torch.where(denom > 0, 2 * self.tp / (2 * self.tp + self.fp + self.fn), torch.nan)
@@ -221,6 +279,11 @@ class SegMetrics:
         out["dice"] = float(dice[nuclei].mean()) if nuclei else math.nan
         out["jaccard"] = float(jac[nuclei].mean()) if nuclei else math.nan
         out["n_classes_scored"] = float(len(nuclei))
+        scored = [c for c in range(self.n_classes) if denom[c] > 0]
+        out["miou"] = float(jac[scored].mean()) if scored else math.nan
+        out["miou_nuclei"] = out["jaccard"]
+        out["nmiou"] = float(self.tp.sum() / denom.sum()) if denom.sum() > 0 else math.nan
+        out["miou_image"] = self.miou_image / self.images if self.images else math.nan
         tp, fp, fn = self.paper.tolist()
         out["paper_dice"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
         out["paper_jaccard"] = tp / (tp + fp + fn) if tp + fp + fn else math.nan

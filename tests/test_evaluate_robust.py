@@ -56,10 +56,10 @@ def run(model, path, cfg, folder, shard=None):
 
 
 def counts(m: SegMetrics | torch.Tensor) -> dict[str, float | list[float]]:
-    """Every count of a SegMetrics or a state (S,) but the loss (a float sum, equal only up
-    to float order), by field name."""
+    """Every count of a SegMetrics or a state (S,) but the float sums (the loss and the
+    per-image mIoU, equal only up to float order), by field name."""
     state = m.state() if isinstance(m, SegMetrics) else m
-    return {k: v.tolist() for k, v in unpack_state(state).items() if k != "loss_sum"}
+    return {k: v.tolist() for k, v in unpack_state(state).items() if k not in ("loss_sum", "miou_image")}
 
 
 def forward(model, x):
@@ -75,7 +75,7 @@ def test_image_states_are_segmetrics_of_each_image_alone():
     bits = torch.randint(0, 64, (5, 7, 9), generator=g).to(torch.uint8)
     for b in (bits, None):
         rows = image_states(logits, masks, b, 6, 0.1)
-        assert rows.shape == (5, 3 * 6 + 7) and rows.dtype == torch.float64
+        assert rows.shape == (5, 3 * 6 + 9) and rows.dtype == torch.float64
         whole = SegMetrics()
         for i in range(5):
             one = SegMetrics()
@@ -83,7 +83,9 @@ def test_image_states_are_segmetrics_of_each_image_alone():
             whole.update(logits[i:i + 1], masks[i:i + 1], None if b is None else b[i:i + 1])
             assert counts(rows[i]) == counts(one)
             assert unpack_state(rows[i])["loss_sum"].item() == pytest.approx(one.loss_sum, rel=1e-6)
+            assert unpack_state(rows[i])["miou_image"].item() == one.miou_image  # the same image_miou
         assert counts(rows.sum(0)) == counts(whole)
+        assert unpack_state(rows.sum(0))["miou_image"].item() == pytest.approx(whole.miou_image, rel=1e-12)
     with pytest.raises(ValueError, match="need 6 classes"):
         image_states(logits[:, :4], masks.clamp(max=3), bits, 4, 0.1)
 
@@ -255,7 +257,8 @@ def test_greedy_worst_miou_is_reported_beside_the_accuracy_worst_case(micro, mod
     assert sum(w["chosen"].values()) == len(data.split_of(micro, "test")) and w["rounds"] >= 1
     first = rob["per_attack"]["segpgd"][0].state()  # candidate 0 for every image: the search's start
     C = model.head.out_channels
-    tp, fp, fn = (first[3 + i * C:3 + (i + 1) * C] for i in range(3))
+    tp, fp, fn = (unpack_state(first)[k].numpy() for k in ("tp", "fp", "fn"))
+    assert tp.shape == (C,)
     union = tp + fp + fn
     assert w["greedy"] <= float((tp[union > 0] / union[union > 0]).mean()) + 1e-6
     assert 0 <= w["by_accuracy"] <= 1

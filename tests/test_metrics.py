@@ -74,11 +74,12 @@ def test_state_layout_is_named_and_round_trips():
     m = SegMetrics()
     m.update(logits, masks)
     state = torch.from_numpy(m.state())
-    assert state.shape == (state_size(6),) == (3 * 6 + 7,)
+    assert state.shape == (state_size(6),) == (3 * 6 + 9,)
     u = unpack_state(state)
     assert tuple(u) == STATE_FIELDS
     assert u["pixels"].item() == m.pixels == masks.numel() and u["correct"].item() == m.correct
     assert u["loss_sum"].item() == m.loss_sum and u["paper_raw"].item() == m.paper_raw == 0
+    assert u["images"].item() == m.images == 3 and u["miou_image"].item() == m.miou_image > 0
     for k in ("tp", "fp", "fn", "paper"):
         assert u[k].tolist() == getattr(m, k).tolist(), k
     assert torch.equal(pack_state(**u), state)
@@ -87,9 +88,9 @@ def test_state_layout_is_named_and_round_trips():
     assert back.result() == pytest.approx(m.result(), nan_ok=True)
     rows = torch.stack([state, 2 * state]).view(2, 1, -1)  # leading axes are kept
     assert unpack_state(rows)["tp"].shape == (2, 1, 6) and state_accuracy(rows).shape == (2, 1)
-    with pytest.raises(ValueError, match="3C \\+ 7"):
+    with pytest.raises(ValueError, match="3C \\+ 9"):
         unpack_state(state[:-1])
-    with pytest.raises(ValueError, match="has 25 counts"):
+    with pytest.raises(ValueError, match="has 27 counts"):
         SegMetrics.from_state(state[:-1], 6, 0.1)
 
 
@@ -296,3 +297,90 @@ def test_raw_vs_semantic_truth_difference(tmp_path):
           f"semantic {oracle_sem.result()['paper_dice']:.4f}; void {(raw == 0).all(-1).sum()} "
           f"overlap {((raw[..., :5] != 0).sum(-1) == 2).sum()} of {raw[..., 0].size} pixels")
     assert oracle_sem.result()["paper_dice"] == 1.0 and oracle_raw.result()["paper_dice"] < 1.0
+
+
+# --------------------------------------------------------------------------- the mIoU family
+def one_hot_logits(pred: torch.Tensor, n_classes: int = 6) -> torch.Tensor:
+    """Logits (N, C, H, W) whose argmax is pred (N, H, W)."""
+    return F.one_hot(pred, n_classes).permute(0, 3, 1, 2).float() * 10
+
+
+# two 2x3 images, by hand: image A has classes 0, 1, 2; image B classes 0 and 3; class 4 and 5
+# are absent from the whole split (truth and prediction), classes 1, 2 from image B, 3 from A
+HAND_TRUTH = torch.tensor([[[0, 0, 1], [1, 2, 2]], [[3, 3, 0], [0, 0, 0]]])
+HAND_PRED = torch.tensor([[[0, 1, 1], [1, 2, 0]], [[3, 0, 0], [0, 0, 0]]])
+# IoU = TP / (TP + FP + FN) per class, counted on the grids above
+HAND_IOU_A = {0: 1 / 3, 1: 2 / 3, 2: 1 / 2}           # class 0: TP 1 FP 1 FN 1; 1: 2, 1, 0; 2: 1, 0, 1
+HAND_IOU_B = {0: 4 / 5, 3: 1 / 2}                     # class 0: TP 4 FP 1 FN 0; 3: 1, 0, 1
+HAND_IOU_SPLIT = {0: 5 / 8, 1: 2 / 3, 2: 1 / 2, 3: 1 / 2}  # pooled: class 0 TP 5 FP 2 FN 1
+
+
+def hand_mean(ious: dict[int, float], absent: float | None, n_classes: int = 6) -> float:
+    """The mean IoU over classes; a class without a union: left out (absent None), else
+    counted as ``absent`` (1: "empty = perfect", 0: torchmetrics < 1.4's zero division)."""
+    values = [ious.get(c, absent) for c in range(n_classes)]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values)
+
+
+def test_miou_family_equals_a_hand_computation_with_absent_classes():
+    """miou (SEA's and RSE's CmIoU: classes absent from the whole split left out), miou_nuclei
+    (= jaccard), nmiou (RSE's NmIoU: micro, pooled) and miou_image (per image, absent classes
+    left out), on masks counted by hand; the other conventions give other numbers."""
+    m = SegMetrics()
+    m.update(one_hot_logits(HAND_PRED), HAND_TRUTH)
+    r = m.result()
+    assert r["miou"] == pytest.approx(hand_mean(HAND_IOU_SPLIT, None)) == pytest.approx((5 / 8 + 2 / 3 + 1) / 4)
+    assert r["miou"] != pytest.approx(hand_mean(HAND_IOU_SPLIT, 1.0))   # absent counted as 1: 0.7153
+    assert r["miou"] != pytest.approx(hand_mean(HAND_IOU_SPLIT, 0.0))   # absent counted as 0: 0.3819
+    nuclei = {c: v for c, v in HAND_IOU_SPLIT.items() if c > 0}
+    assert r["miou_nuclei"] == r["jaccard"] == pytest.approx(sum(nuclei.values()) / len(nuclei))
+    assert r["nmiou"] == pytest.approx(9 / 15)  # sum TP 9 (correct pixels) over sum of unions 9 + 3 + 3
+    assert r["nmiou"] == pytest.approx(r["accuracy"] / (2 - r["accuracy"]))
+    per_image = [hand_mean(HAND_IOU_A, None), hand_mean(HAND_IOU_B, None)]  # 0.5, 0.65
+    assert per_image == pytest.approx([0.5, 0.65])
+    assert r["miou_image"] == pytest.approx(sum(per_image) / 2) == pytest.approx(0.575)
+    assert r["miou_image"] != pytest.approx((hand_mean(HAND_IOU_A, 1.0) + hand_mean(HAND_IOU_B, 1.0)) / 2)
+    assert r["miou_image"] != pytest.approx((hand_mean(HAND_IOU_A, 0.0) + hand_mean(HAND_IOU_B, 0.0)) / 2)
+    assert r["miou_image"] != pytest.approx(r["miou"])  # per image is not pooled
+
+
+def test_miou_family_matches_sklearn_on_random_masks():
+    """Against scikit-learn's jaccard_score: macro over the labels with a union (miou; per
+    image: miou_image) and micro over all labels (nmiou)."""
+    logits, masks = batches(5, n=4, size=7)
+    m = SegMetrics()
+    m.update(logits, masks)
+    r = m.result()
+    y, p = masks.flatten().numpy(), logits.argmax(1).flatten().numpy()
+    assert r["miou"] == pytest.approx(jaccard_score(y, p, labels=np.union1d(y, p), average="macro"))
+    assert r["nmiou"] == pytest.approx(jaccard_score(y, p, labels=list(range(6)), average="micro"))
+    per = []
+    for i in range(len(masks)):
+        yi, pi = masks[i].flatten().numpy(), logits[i].argmax(0).flatten().numpy()
+        per.append(jaccard_score(yi, pi, labels=np.union1d(yi, pi), average="macro"))
+    assert r["miou_image"] == pytest.approx(np.mean(per))
+
+
+def test_per_image_miou_accumulates_over_chunks_as_in_one_pass():
+    """The per-image sum and count live in the state: chunks of any size, merged or summed as
+    states, give the one-pass miou_image (up to float order); the counts exactly."""
+    logits, masks = batches(6, n=5, size=8)
+    one = SegMetrics()
+    one.update(logits, masks)
+    for size in (1, 2, 3):
+        parts = []
+        for i in range(0, 5, size):
+            part = SegMetrics()
+            part.update(logits[i:i + size], masks[i:i + size])
+            parts.append(part)
+        merged = SegMetrics()
+        for part in parts:
+            merged.merge(part)
+        summed = SegMetrics.from_state(np.sum([part.state() for part in parts], 0), 6, 0.1)
+        for got in (merged, summed):
+            assert got.images == one.images == 5
+            assert got.miou_image == pytest.approx(one.miou_image, rel=1e-12)
+            assert got.result()["miou_image"] == pytest.approx(one.result()["miou_image"], rel=1e-12)
+            for k in ("dice", "accuracy", "jaccard", "miou", "nmiou"):
+                assert got.result()[k] == one.result()[k], k  # pooled counts: exact
