@@ -4,7 +4,9 @@ of models 2-4 from model 1, the figures, the champion model, and `mlsys compare`
 Table 1: the four models on the clean test split; Table 2: the same models under
 their own evaluation attack. Columns: loss, pixel accuracy, Dice and Jaccard in the
 standard variant (argmax, macro over the nucleus classes present) and the paper
-variant (softmax >= 0.1, pooled over all channels), then per-class Dice. Every cell is
+variant (softmax >= 0.1, pooled over all channels), the mIoU family (miou over all six
+classes, nmiou as RSE's code pools it, miou_image per image; mlsys.metrics), then per-class
+Dice. Every cell is
 the mean +- the standard deviation over the seeds (sample std, n - 1), with the per-seed
 rows beside; "paired" gives, for models 2-4, the per-seed difference from model 1 of
 the same seed, its mean and a 95% t-interval (mean +- t(0.975, n-1) * sd / sqrt(n)):
@@ -26,7 +28,7 @@ from .results import radius_key
 MODEL_LABELS = {m: f"model {m[5:]} ({'clean' if sets == ('clean',) else ' + '.join(sets)})"
                 for m, sets in MODELS.items()}
 PAIRED = ("accuracy", "dice", "paper_dice")  # the metrics whose paired differences are reported
-COLUMNS = ["loss", "accuracy", "dice", "jaccard", "paper_dice", "paper_jaccard"] + \
+COLUMNS = ["loss", "accuracy", "dice", "jaccard", "miou", "nmiou", "miou_image", "paper_dice", "paper_jaccard"] + \
     [f"dice/{c}" for c in CLASS_NAMES]
 
 
@@ -139,12 +141,13 @@ def paired_table(rows: list[dict]) -> dict[str, list]:
 
 # --------------------------------------------------------------------------- the field's protocol
 # (evaluate.robust: per image the worst of untargeted L-inf attacks at several radii)
-ROBUST_METRICS = ("dice", "accuracy")  # shown per radius: worst-case macro nucleus Dice and pixel accuracy
+ROBUST_METRICS = ("dice", "accuracy", "miou", "nmiou", "miou_image")  # per radius, worst case (SegMetrics.result)
+ROBUST_SHOWN = (("dice", "accuracy"), ("miou", "nmiou", "miou_image"))  # one table each: readable at many radii
 
 
-def robust_columns(radii: list[float]) -> list[str]:
-    """Columns of the robustness table: "eps <r>/255 dice", "eps <r>/255 accuracy" per radius."""
-    return [f"eps {radius_key(r)}/255 {m}" for r in radii for m in ROBUST_METRICS]
+def robust_columns(radii: list[float], metrics: tuple[str, ...] = ROBUST_METRICS) -> list[str]:
+    """Columns of the robustness table: "eps <r>/255 <metric>" per radius and metric."""
+    return [f"eps {radius_key(r)}/255 {m}" for r in radii for m in metrics]
 
 
 def robust_rows(evals: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -239,10 +242,13 @@ def protocol_names(rob: dict) -> str:
     return ", ".join(labels.get(a, a) for a in rob["attacks"])
 
 
-def robust_titles(rob: dict) -> tuple[str, str]:
+def robust_titles(rob: dict) -> tuple[str, str, str]:
+    """Titles of the robustness tables: Dice and accuracy, the mIoU family, per tissue."""
     over = f"mean ± std over {rob['n_seeds']} seed{'s' if rob['n_seeds'] > 1 else ''}"
-    return (f"Robustness: worst case per image of {protocol_names(rob)} at L-inf radius eps (r/255), "
-            f"standard Dice and pixel accuracy ({over})",
+    worst = f"worst case per image of {protocol_names(rob)} at L-inf radius eps (r/255)"
+    return (f"Robustness: {worst}, standard Dice and pixel accuracy ({over})",
+            f"Robustness, mIoU: {worst}; miou over all six classes, nmiou pooled (RSE), miou_image "
+            f"per image ({over})",
             f"Per tissue: clean and worst-case Dice at eps {rob['top']}/255 (mean over seeds)")
 
 
@@ -256,7 +262,11 @@ def attack_name(settings: dict) -> str:
 
 TITLE = "mlsys report: four models, clean and under attack"
 METRICS_NOTE = ("Standard metrics: argmax, per class, macro mean over the nucleus classes present "
-                "(absent classes: n/a, excluded). Paper metrics: softmax >= 0.1 per channel, "
+                "(absent classes: n/a, excluded); jaccard is the mIoU over the five nucleus classes. "
+                "miou: per-class IoU pooled over the split, mean over all six classes present (background "
+                "included; SEA's mIoU); nmiou: RSE's NmIoU as its code computes it (IoU pooled over classes and "
+                "split, = acc / (2 - acc)); miou_image: per-image mIoU (classes absent from image and "
+                "prediction left out), mean over images. Paper metrics: softmax >= 0.1 per channel, "
                 "TP/FP/FN pooled over all channels including background (original code). "
                 "Cells: mean ± sample standard deviation over the seeds.")
 PAIRED_NOTE = ("Paired differences from model 1 (same seed): mean [95% t-interval]; * marks an interval "
@@ -432,8 +442,9 @@ def main(p) -> None:
     rob = tabs["robust"]
     if rob is not None:  # after Tables 1-2 and the paired differences, before the per-seed rows
         rtitles = robust_titles(rob)
-        shown[3:3] = [(rtitles[0], mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"]))),
-                      (rtitles[1], rob["tissue"])]
+        shown[3:3] = [*[(title, mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"], ms)))
+                        for title, ms in zip(rtitles, ROBUST_SHOWN)],
+                      (rtitles[2], rob["tissue"])]
     machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
     notes = [f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. Reproducibility: CPU "
              "results are bit-identical only on the same CPU model with the same thread count."]
@@ -473,8 +484,8 @@ def main(p) -> None:
             for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"])):
                 (out / f"{name}.csv").write_text(to_csv(t))
                 mlflow.log_table(t, f"tables/{name}.json")
-            (out / "robust.md").write_text(to_markdown(shown[3][1], shown[3][0]))
-            (out / "tissue.md").write_text(to_markdown(shown[4][1], shown[4][0]))
+            for (title, t), name in zip(shown[3:6], ("robust", "robust_miou", "tissue")):
+                (out / f"{name}.md").write_text(to_markdown(t, title))
             figures.save(figures.robust_radius(robust_radius_rows(rob), rob["table"]["model"],
                                                f"worst case of {protocol_names(rob)} against the L-inf radius "
                                                f"(mean ± std, {len(seeds)} seeds)"), out / "figures/robust_radius.png")

@@ -85,7 +85,8 @@ def robust_eval(worst: dict[str, tuple[float, float]], tissue_dice: dict[str, tu
         return {"steps": [0, 2, 4], "dice": dice, "accuracy": [0.9, 0.8, 0.7]}
     return {"clean": {"dice": 0.6, "accuracy": 0.95}, "attack": {"dice": 0.1, "accuracy": 0.8},
             "robust": {"radii": [1.0, 8.0], "attacks": ["segpgd", "sea"],
-                       "worst": {r: {"dice": d, "accuracy": a, "jaccard": 0.0} for r, (d, a) in worst.items()},
+                       "worst": {r: {"dice": d, "accuracy": a, "jaccard": 0.0, "miou": d / 2, "nmiou": 0.1,
+                                     "miou_image": 0.2} for r, (d, a) in worst.items()},
                        "tissue": {t: {"clean": {"dice": c}, "worst": {"1": {"dice": 0.5}, "8": {"dice": w}}}
                                   for t, (c, w) in tissue_dice.items()},
                        "curves": {name: {"1": curve_of([0.6, 0.5, 0.5]), "8": curve_of(curve)}
@@ -108,8 +109,12 @@ def test_robustness_tables_read_the_json_mean_and_std_over_seeds():
     rob = report.build_tables(robust_seeds())["robust"]
     assert rob["radii"] == [1.0, 8.0] and rob["top"] == "8"
     assert rob["table"]["model"] == ["model1", "model2", "model3", "model4"]
-    assert report.robust_columns(rob["radii"]) == ["eps 1/255 dice", "eps 1/255 accuracy", "eps 8/255 dice",
-                                                   "eps 8/255 accuracy"]
+    shown = [report.robust_columns(rob["radii"], ms) for ms in report.ROBUST_SHOWN]
+    assert shown == [["eps 1/255 dice", "eps 1/255 accuracy", "eps 8/255 dice", "eps 8/255 accuracy"],
+                     ["eps 1/255 miou", "eps 1/255 nmiou", "eps 1/255 miou_image",
+                      "eps 8/255 miou", "eps 8/255 nmiou", "eps 8/255 miou_image"]]
+    assert sorted(report.robust_columns(rob["radii"])) == sorted(sum(shown, []))  # the table has them all
+    assert rob["table"]["eps 8/255 miou"][1] == pytest.approx((0.3 + 0.5) / 4)       # the worst case's miou
     assert rob["table"]["eps 8/255 dice"][1] == pytest.approx((0.3 + 0.5) / 2)          # model 2: 0.2+0.1, 0.4+0.1
     assert rob["table_std"]["eps 8/255 dice"][1] == pytest.approx(math.sqrt(2 * 0.1 ** 2))
     assert rob["table"]["eps 8/255 accuracy"][0] == pytest.approx(0.3)                  # null (no score) left out
@@ -135,6 +140,9 @@ def test_robustness_summary_and_plot_rows():
     assert [r["radius"] for r in rows] == [0.0, 1.0, 8.0]               # 0: the clean split
     assert rows[0]["model1_dice"] == pytest.approx(0.6) and rows[2]["model2_dice"] == pytest.approx(0.4)
     assert rows[2]["model2_dice_std"] == pytest.approx(math.sqrt(0.02))
+    assert rows[2]["model2_miou"] == pytest.approx(0.2) and rows[1]["model1_nmiou"] == pytest.approx(0.1)
+    assert summ["robust"]["model2"]["eps8"]["miou"]["mean"] == pytest.approx(0.2)
+    assert math.isnan(rows[0]["model1_miou"])  # the fixture's clean results carry no mIoU
     steps = report.robust_steps_rows(tabs["robust"])
     assert [r["step"] for r in steps] == [0, 2, 4] and steps[2]["model1_worst"] == pytest.approx(0.3)
     assert set(steps[0]) == {"step"} | {f"model{i}_{n}" for i in range(1, 5) for n in ("segpgd", "sea", "worst")}
@@ -165,5 +173,22 @@ def test_protocol_names_carry_the_strength_the_evaluations_recorded():
                                                     "sea": "SEA-style, 4 steps (reduced from 300)"},
            "n_seeds": 3, "top": "8"}
     assert protocol_names(rob) == "SegPGD, 4 steps, SEA-style, 4 steps (reduced from 300)"
-    assert "SEA-style, 4 steps (reduced from 300)" in robust_titles(rob)[0]
+    assert all("SEA-style, 4 steps (reduced from 300)" in t for t in robust_titles(rob)[:2])
+    assert "mIoU" in robust_titles(rob)[1] and "Per tissue" in robust_titles(rob)[2]
     assert protocol_names({"attacks": ["sea"]}) == "sea"  # an evaluation written before the labels
+
+
+def test_tables_1_and_2_carry_the_miou_family():
+    """Tables 1 and 2 show miou, nmiou and miou_image beside Dice and accuracy, read from the
+    evaluation JSON's keys (and the metrics note says what each is)."""
+    from mlsys.metrics import SegMetrics
+
+    keys = set(SegMetrics().result())
+    assert {"miou", "miou_nuclei", "nmiou", "miou_image"} <= keys
+    assert {"miou", "nmiou", "miou_image"} <= set(report.COLUMNS) <= keys | {"loss"}
+    assert report.COLUMNS.index("miou") > report.COLUMNS.index("dice")
+    evals = {"model1": {"clean": {"dice": 0.5, "accuracy": 0.9, "miou": 0.4, "nmiou": 0.8, "miou_image": 0.45}}}
+    t = report.table({m: e["clean"] for m, e in evals.items()})
+    assert t["miou"] == [0.4] and t["nmiou"] == [0.8] and t["miou_image"] == [0.45]
+    assert "| miou | nmiou | miou_image |" in report.to_markdown(t, "T")
+    assert all(w in report.METRICS_NOTE for w in ("miou", "nmiou", "miou_image", "RSE", "SEA"))
