@@ -151,7 +151,10 @@ def _load_function(source: str, weights: str | None) -> nn.Module:
     except (ImportError, AttributeError) as err:
         raise ModelError(f"{source}: {_first_line(err)} (the module must be importable from the working "
                          "folder or PYTHONPATH)") from None
-    model = func()
+    try:
+        model = func()
+    except Exception as err:  # noqa: BLE001 - whatever the user's builder raises
+        raise ModelError(f"{source}() failed: {_first_line(err)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{source}() returned {type(model).__name__}, not a torch.nn.Module")
     if not Path(weights).is_file():

@@ -56,6 +56,10 @@ def not_a_module():
     return "fcn"
 
 
+def broken():
+    raise KeyError("no such backbone")
+
+
 def trained(model: nn.Module, h5: Path, steps: int = 30) -> nn.Module:
     """``model`` fitted briefly to the training split (a model the attacks can hurt; its batch
     norm's running statistics differ from any batch's own, so train mode would change it)."""
@@ -227,6 +231,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(files, store, capsys):
         "missing-model": ([tmp / "none.pt"], "does not exist"),
         "no-weights": (["test_robust_cli:small_fcn", files["h5"]], "needs --weights"),
         "not-a-module": (["test_robust_cli:not_a_module", *state, files["h5"]], "not a torch.nn.Module"),
+        "broken": (["test_robust_cli:broken", *state, files["h5"]], "broken() failed: 'no such backbone'"),
         "wrong-weights": (["test_robust_cli:three_class_fcn", *state, files["h5"]], "do not fit"),
         "no-data": ([files["pt"], tmp / "nowhere"], "does not exist"),
         "attack": ([files["pt"], files["h5"], "--attacks", "segpgd,fgsm"], "evaluate.robust.attacks"),
