@@ -44,6 +44,27 @@ def cmd_evaluate(args, p) -> None:
     evaluate.main(p, args.model, entry.seed_of(args, p), args.relaunch, args.shard)
 
 
+def cmd_robust(args, p) -> None:
+    """The field's protocol on a model that is not ours (mlsys/robust_eval.py): its flags are
+    read here, so that a bad value is one line like any other bad input."""
+    from . import robust_eval
+    from .params import ParamsError
+
+    def listed(flag: str, text: str | None, kind):
+        if text is None:
+            return None
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ParamsError(f"{flag} {text!r} is not a comma-separated list of {kind.__name__}s") from None
+
+    steps = listed("--steps", args.steps, int)
+    if steps is not None and len(steps) != 1:
+        raise ParamsError(f"--steps {args.steps!r} is not one integer")
+    robust_eval.main(p, args.model, args.data, args.weights, args.split, listed("--attacks", args.attacks, str),
+                     listed("--radii", args.radii, float), steps and steps[0], args.out)
+
+
 def cmd_report(args, p) -> None:
     from . import report
 
@@ -158,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", choices=list(MODELS))
     s.add_argument("--seed", type=int, help=seed_help)
     s.add_argument("--shard", metavar="I/N", help=shard_help)
+    s = sub.add_parser("robust", help="the robustness protocol (evaluate.robust) on any model and data "
+                                      "(docs/robustness.md, \"Evaluating your own model\")")
+    s.add_argument("model", help="an MLflow model URI (runs:/..., models:/mlsys-unet@champion), a TorchScript "
+                                 ".pt file, a torch.export .pt2 file, or module:function with --weights")
+    s.add_argument("data", help="an HDF5 file of mlsys.data, or a folder with images/*.png (RGB) and "
+                                "masks/*.png (class ids) of the same names")
+    s.add_argument("--weights", metavar="FILE", help="state_dict for module:function (torch.load weights_only)")
+    s.add_argument("--split", default="test", help="split of an HDF5 file (default: test)")
+    s.add_argument("--attacks", help="comma-separated, of mlsys.robust.ATTACKS (default: evaluate.robust.attacks)")
+    s.add_argument("--radii", help="comma-separated L-inf radii on the 0..255 scale (default: evaluate.robust.radii)")
+    s.add_argument("--steps", help="iterations of each attack (default: evaluate.robust.steps)")
+    s.add_argument("--out", help="output folder (default: robust/<name of the model>/)")
     sub.add_parser("report", help="write Tables 1 and 2 and the figures to reports/")
     sub.add_parser("check", help="check every setting of the parameter file, as the stages will")
     s = sub.add_parser("compare", help="print Tables 1 and 2 from the MLflow runs")
@@ -189,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "augment": cmd_augment, "evaluate": cmd_evaluate,
-            "report": cmd_report, "check": cmd_check, "compare": cmd_compare, "paper": cmd_paper, "ui": cmd_ui, "server": cmd_server,
+            "robust": cmd_robust, "report": cmd_report, "check": cmd_check, "compare": cmd_compare, "paper": cmd_paper, "ui": cmd_ui, "server": cmd_server,
             "runs": cmd_runs}
 
 

@@ -72,6 +72,16 @@ COMMANDS = {
     # docs/operations.md
     ".venv/bin/python -m mlsys runs sweep --dry-run": FRESH_CLONE,
     ".venv/bin/python -m mlsys runs sweep": "tests/test_robustness.py::test_sweep_marks_the_killed_runs_failed",
+    # docs/robustness.md
+    ".venv/bin/python -m mlsys robust models:/mlsys-unet@champion data/clean.h5":
+        "tests/test_robust_cli.py::test_champion_from_the_registry_is_attacked_at_its_size (a registry in a "
+        "temporary store, its HDF5 file)",
+    ".venv/bin/python -m mlsys robust fcn.pt my-slides/ --attacks segpgd,sea --radii 8 --steps 1":
+        "tests/test_robust_cli.py::test_foreign_fcn_from_torchscript_and_from_module_function_on_hdf5_and_png "
+        "(a TorchScript FCN on a PNG folder, these flags)",
+    ".venv/bin/python -m mlsys robust mynets:fcn --weights fcn_state.pth data/clean.h5":
+        "tests/test_robust_cli.py::test_foreign_fcn_from_torchscript_and_from_module_function_on_hdf5_and_png "
+        "(test_robust_cli:small_fcn and its state_dict)",
     # docs/scale-out.md
     ".venv/bin/torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0.example.org:29400 "
     "--rdzv-id mlsys-model1 -m mlsys train model1":
