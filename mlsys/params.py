@@ -119,7 +119,7 @@ class AdversarialParams:
     half_clean: bool = True        # PGD-AT: attack half of each batch, keep half clean (CosPGD's segmentation recipe)
     beta: float = 6.0              # TRADES: weight of the KL term (Zhang et al.: 6)
     trades_start: float = 0.001    # TRADES: std of the Gaussian start of the KL ascent (authors' code: 0.001)
-    epochs: int = 20               # passes over the clean training set (train.epochs: 40; each costs 2-4 clean ones)
+    epochs: int = 20               # passes over the clean set (train.epochs: 40; an epoch costs ~1.7-1.8 clean ones)
 
 
 @dataclass
