@@ -102,7 +102,8 @@ def test_compare_prints_both_tables(pipeline):
     out = run(repo, sys.executable, "-m", "mlsys", "compare").stdout
     assert "Table 1" in out and "Table 2" in out and "faithful attack, 2 steps" in out
     assert out.count("| model | loss | accuracy | dice |") == 2
-    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 3   # both tables and the paired one
+    # both tables, and the paired one twice: from model 1 and from PGD-AT
+    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 4
     assert "mean ± std over 2 seeds" in out and "Paired differences from model 1" in out
 
 
