@@ -24,9 +24,16 @@ def cmd_prepare(args, p) -> None:
 
 
 def cmd_train(args, p) -> None:
-    from . import train
+    from .params import BASELINES
 
-    train.main(p, args.model, entry.seed_of(args, p), args.relaunch)
+    if args.model in BASELINES:  # the adversarial-training baselines: their own stage module
+        from . import adversarial
+
+        adversarial.main(p, args.model, entry.seed_of(args, p), args.relaunch)
+    else:
+        from . import train
+
+        train.main(p, args.model, entry.seed_of(args, p), args.relaunch)
 
 
 def cmd_augment(args, p) -> None:
@@ -162,21 +169,21 @@ def cmd_runs(args, p) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    from .params import METHODS, MODELS
+    from .params import EXPERIMENT, METHODS
 
     ap = entry.parser("mlsys", "mlsys: robust U-Net segmentation of histology (DVC stages, MLflow runs).")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="build data/clean.h5 (synthetic default or your PanNuke fold)")
     seed_help, shard_help = entry.SEED_HELP, entry.SHARD_HELP
-    s = sub.add_parser("train", help="train one of the four models")
-    s.add_argument("model", choices=list(MODELS))
+    s = sub.add_parser("train", help="train one of the four models or a baseline (pgdat, trades)")
+    s.add_argument("model", choices=list(EXPERIMENT))
     s.add_argument("--seed", type=int, help=seed_help)
     s = sub.add_parser("augment", help="build a method-one or method-two training set with model 1")
     s.add_argument("method", choices=list(METHODS))
     s.add_argument("--seed", type=int, help=seed_help)
     s.add_argument("--shard", metavar="I/N", help=shard_help)
     s = sub.add_parser("evaluate", help="evaluate one model on the test split, clean and under attack")
-    s.add_argument("model", choices=list(MODELS))
+    s.add_argument("model", choices=list(EXPERIMENT))
     s.add_argument("--seed", type=int, help=seed_help)
     s.add_argument("--shard", metavar="I/N", help=shard_help)
     s = sub.add_parser("robust", help="the robustness protocol (evaluate.robust) on any model and data "

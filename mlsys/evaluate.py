@@ -18,7 +18,7 @@ from .attacks import attack_from_params, check_mode, fast
 from .metrics import (SegMetrics, image_hist, image_miou, pack_state, paper_truth, pixel_accuracy, predict,
                       predicted_class, state_accuracy, unpack_state, worst_candidate)
 from .model import eval_mode
-from .params import MODELS
+from .params import EXPERIMENT
 from .results import json_clean, radius_key
 from .robust import SEA_LOSSES, SEA_SCHEDULE, _stages, greedy_worst_miou, inverse_frequency, untargeted, worst_case
 from .robust import check as check_attacks
@@ -531,7 +531,7 @@ def cli(argv: list[str] | None = None) -> int:
     """``python -m mlsys.evaluate <model> [--seed S] [--shard I/N]``: the stage as DVC runs it."""
     ap = entry.parser("python -m mlsys.evaluate",
                       "Evaluate one model on the test split, clean and under attack (DVC stage evaluate-<model>@<seed>).")
-    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("model", choices=list(EXPERIMENT))
     ap.add_argument("--seed", type=int, help=entry.SEED_HELP)
     ap.add_argument("--shard", metavar="I/N", help=entry.SHARD_HELP)
     return entry.main("mlsys evaluate", "mlsys.evaluate", ap,

@@ -25,11 +25,32 @@ MODELS: dict[str, tuple[str, ...]] = {
     "model4": ("clean", "method1", "method2"),
 }
 METHODS = ("method1", "method2")  # the two altered training sets, built with model 1
+# The adversarial-training baselines the field compares against (docs/method.md): trained on
+# the clean set by mlsys.adversarial, with the inner attack of `adversarial` in params.yaml.
+BASELINES: dict[str, tuple[str, ...]] = {
+    "pgdat": ("clean",),   # PGD-AT (Madry et al. 2018), optionally half clean per batch (CosPGD's recipe)
+    "trades": ("clean",),  # TRADES (Zhang et al. 2019): clean CE + beta * per-pixel KL(clean || adversarial)
+}
+EXPERIMENT: dict[str, tuple[str, ...]] = {**MODELS, **BASELINES}  # every model trained, evaluated and reported
+
+
+def baseline_label(name: str, a: "AdversarialParams") -> str:
+    """A baseline in words with its settings, as the report labels it:
+    "PGD-AT (2 steps, 4/255, half clean)", "TRADES (beta 6, 2 steps, 4/255)"."""
+    common = f"{a.steps} step{'s' if a.steps != 1 else ''}, {a.radius:g}/255"
+    if name == "pgdat":
+        return f"PGD-AT ({common}{', half clean' if a.half_clean else ''})"
+    if name == "trades":
+        return f"TRADES (beta {a.beta:g}, {common})"
+    raise ValueError(f"baseline_label: {name!r} is not one of {list(BASELINES)}")
 
 
 def method_tag(model: str) -> str:
     """Which augmentation methods a model's training sets come from ("clean" for model 1),
-    so that filtering runs by ``tags.`mlsys.method``` finds a method's set and its models."""
+    or the baseline's own name (``pgdat``, ``trades``), so that filtering runs by
+    ``tags.`mlsys.method``` finds a method's set and its models."""
+    if model in BASELINES:
+        return model
     return "+".join(s for s in MODELS[model] if s != "clean") or "clean"
 
 
@@ -84,6 +105,21 @@ class TrainParams:
     amp: bool = False              # bf16 autocast on CUDA
     channels_last: bool = False    # channels-last memory format on CUDA
     compile: bool = False          # wrap the model in torch.compile
+
+
+@dataclass
+class AdversarialParams:
+    """The adversarial-training baselines (mlsys.adversarial); the rest of their training
+    (batch, lr and its schedule, keep, device) is ``train``'s. Literature: radius 8/255 (4/255
+    for segmentation, CosPGD/SegPGD-AT), 5-10 inner steps; the CPU default takes 2 steps, a
+    "fast AT" with a random start (benchmarks/results/adversarial_default_cpu.json: the cost)."""
+    radius: float = 4.0            # L-inf radius of the inner attack on the 0..255 scale (eps = radius/255)
+    steps: int = 2                 # inner attack iterations, PGD-AT and TRADES (Madry: 7; CosPGD-AT: 3-5)
+    step_size: float = 2.5         # inner step on the 0..255 scale (1.25 * radius / steps: fast AT's 1.25 eps, over 2 steps)
+    half_clean: bool = True        # PGD-AT: attack half of each batch, keep half clean (CosPGD's segmentation recipe)
+    beta: float = 6.0              # TRADES: weight of the KL term (Zhang et al.: 6)
+    trades_start: float = 0.001    # TRADES: std of the Gaussian start of the KL ascent (authors' code: 0.001)
+    epochs: int = 20               # passes over the clean set (train.epochs: 40; an epoch costs ~1.7-1.8 clean ones)
 
 
 @dataclass
@@ -185,6 +221,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
+    adversarial: AdversarialParams = field(default_factory=AdversarialParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     distributed: DistributedParams = field(default_factory=DistributedParams)
 
@@ -232,6 +269,13 @@ class Params:
         _check(m2.search != "screened" or 1 <= m2.screen_k <= 3**m.n_classes, "augment.method2.screen_k", m2.screen_k,
                f"1..3**model.n_classes = {3**m.n_classes}")
         _check(m2.exact_top >= 1, "augment.method2.exact_top", m2.exact_top, ">= 1")
+        a = self.adversarial
+        _check(a.radius >= 0, "adversarial.radius", a.radius, ">= 0 (on the 0..255 scale)")
+        _check(a.steps >= 1, "adversarial.steps", a.steps, ">= 1")
+        _check(a.step_size > 0, "adversarial.step_size", a.step_size, "> 0 (on the 0..255 scale)")
+        _check(a.beta >= 0, "adversarial.beta", a.beta, ">= 0")
+        _check(a.trades_start >= 0, "adversarial.trades_start", a.trades_start, ">= 0")
+        _check(a.epochs >= 1, "adversarial.epochs", a.epochs, ">= 1")
         _check(self.evaluate.batch_size >= 1, "evaluate.batch_size", self.evaluate.batch_size, ">= 1")
         _check(0 < self.evaluate.paper_threshold < 1, "evaluate.paper_threshold",
                self.evaluate.paper_threshold, "in (0, 1)")

@@ -1,16 +1,19 @@
 """The report stage: the paper's Tables 1 and 2 over several seeds, the paired differences
-of models 2-4 from model 1, the figures, the champion model, and `mlsys compare`.
+from model 1 and from PGD-AT, the figures, the champion model, and `mlsys compare`.
 
-Table 1: the four models on the clean test split; Table 2: the same models under
-their own evaluation attack. Columns: loss, pixel accuracy, Dice and Jaccard in the
+Table 1: the four models and the two adversarial-training baselines (PGD-AT, TRADES;
+params.BASELINES) on the clean test split; Table 2: the same models under their own
+evaluation attack. Columns: loss, pixel accuracy, Dice and Jaccard in the
 standard variant (argmax, macro over the nucleus classes present) and the paper
 variant (softmax >= 0.1, pooled over all channels), the mIoU family (miou over all six
 classes, nmiou as RSE's code pools it, miou_image per image; mlsys.metrics), then per-class
 Dice. Every cell is
 the mean +- the standard deviation over the seeds (sample std, n - 1), with the per-seed
-rows beside; "paired" gives, for models 2-4, the per-seed difference from model 1 of
-the same seed, its mean and a 95% t-interval (mean +- t(0.975, n-1) * sd / sqrt(n)):
-an effect is shown only where the interval excludes 0.
+rows beside; "paired" gives, for every other model, the per-seed difference from model 1
+of the same seed, and from PGD-AT (the field's baseline), its mean and a 95% t-interval
+(mean +- t(0.975, n-1) * sd / sqrt(n)): an effect is shown only where the interval excludes 0.
+The report shows the models its evaluations hold (``mlsys compare`` on runs of an older
+pipeline: the four only).
 The champion (registered in MLflow by the report stage) is chosen by CHAMPION_CRITERION.
 """
 from __future__ import annotations
@@ -22,12 +25,30 @@ import warnings
 import numpy as np
 
 from . import entry
-from .params import CLASS_NAMES, MODELS
+from .params import BASELINES, CLASS_NAMES, EXPERIMENT, MODELS, AdversarialParams, baseline_label
 from .results import radius_key
 
-MODEL_LABELS = {m: f"model {m[5:]} ({'clean' if sets == ('clean',) else ' + '.join(sets)})"
-                for m, sets in MODELS.items()}
+MODEL_LABELS = {**{m: f"model {m[5:]} ({'clean' if sets == ('clean',) else ' + '.join(sets)})"
+                   for m, sets in MODELS.items()}, "pgdat": "PGD-AT", "trades": "TRADES"}
 PAIRED = ("accuracy", "dice", "paper_dice")  # the metrics whose paired differences are reported
+PAIRED_BASELINES = ("model1", "pgdat")     # the paired differences are from each of these (where evaluated)
+
+
+def model_labels(adv: AdversarialParams) -> dict[str, str]:
+    """MODEL_LABELS with the baselines' settings: "PGD-AT (2 steps, 4/255, half clean)", ..."""
+    return {**MODEL_LABELS, **{b: baseline_label(b, adv) for b in BASELINES}}
+
+
+def models_of(per_seed: dict[int, dict[str, dict]]) -> list[str]:
+    """The models the evaluations hold, in EXPERIMENT's order (all seeds hold the same)."""
+    held = next(iter(per_seed.values()))
+    return [m for m in EXPERIMENT if m in held]
+
+
+def labelled(tab: dict[str, list], labels: dict[str, str], columns: tuple[str, ...] = ("model",)) -> dict[str, list]:
+    """A display copy of ``tab`` whose ``columns`` name the baselines by their labels (the
+    CSVs and metrics keep the short names: pgdat, trades)."""
+    return {c: [labels[v] if c in columns and v in BASELINES else v for v in vals] for c, vals in tab.items()}
 COLUMNS = ["loss", "accuracy", "dice", "jaccard", "miou", "nmiou", "miou_image", "paper_dice", "paper_jaccard"] + \
     [f"dice/{c}" for c in CLASS_NAMES]
 
@@ -87,7 +108,7 @@ def _nan_stat(stat, values, **kw) -> np.ndarray:
 def per_seed_table(per_seed: dict[int, dict[str, dict]], key: str) -> dict[str, list]:
     """The rows of every (model, seed): ``per_seed[seed][model]`` is an evaluation JSON,
     ``key`` "clean" or "attack"."""
-    return table({f"{m} seed {seed}": evals[m][key] for m in MODELS for seed, evals in per_seed.items()})
+    return table({f"{m} seed {seed}": evals[m][key] for m in models_of(per_seed) for seed, evals in per_seed.items()})
 
 
 def paired_differences(per_seed: dict[int, dict[str, dict]], baseline: str = "model1") -> list[dict]:
@@ -98,7 +119,7 @@ def paired_differences(per_seed: dict[int, dict[str, dict]], baseline: str = "mo
 
     rows = []
     seeds = list(per_seed)
-    for m in MODELS:
+    for m in models_of(per_seed):
         if m == baseline:
             continue
         for key in ("clean", "attack"):
@@ -108,7 +129,7 @@ def paired_differences(per_seed: dict[int, dict[str, dict]], baseline: str = "mo
                 n, mean = len(d), float(np.mean(d))
                 sd = float(np.std(d, ddof=1)) if n > 1 else math.nan
                 half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
-                rows.append({"model": m, "split": key, "metric": metric, "mean": mean, "std": sd,
+                rows.append({"model": m, "baseline": baseline, "split": key, "metric": metric, "mean": mean, "std": sd,
                              "lo": mean - half, "hi": mean + half, "n_seeds": n,
                              "per_seed": [float(v) for v in d]})
     return rows
@@ -126,12 +147,17 @@ def mean_std_table(mean: dict, std: dict, columns: list[str] = COLUMNS) -> dict[
 
 
 def paired_table(rows: list[dict]) -> dict[str, list]:
-    """Display form of :func:`paired_differences`: one row per model, one cell per (split,
-    metric): "mean [lo, hi]", marked * where the interval excludes 0."""
-    out: dict[str, list] = {"model": []}
+    """Display form of :func:`paired_differences` (of one or more baselines): one row per
+    (model, baseline) -- "model", "from" -- one cell per (split, metric): "mean [lo, hi]",
+    marked * where the interval excludes 0."""
+    out: dict[str, list] = {"model": [], "from": []}
+    pairs: list[tuple[str, str]] = []
     for r in rows:
-        if r["model"] not in out["model"]:
-            out["model"].append(r["model"])
+        pair = (r["model"], r.get("baseline", "model1"))
+        if pair not in pairs:
+            pairs.append(pair)
+            out["model"].append(pair[0])
+            out["from"].append(pair[1])
         col = f"{r['split']} {r['metric']}"
         sig = "" if math.isnan(r["lo"]) or r["lo"] <= 0 <= r["hi"] else " *"
         cell = f"{r['mean']:+.4f}" + ("" if math.isnan(r["lo"]) else f" [{r['lo']:+.4f}, {r['hi']:+.4f}]") + sig
@@ -178,7 +204,7 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
     top = radius_key(max(radii))
     tissues = sorted({t for e in evals for t in e["robust"]["tissue"]})
     tissue: dict[str, list] = {"tissue": tissues}
-    for m in MODELS:
+    for m in models_of(per_seed):
         for label, get in (("clean dice", lambda e, t: e["robust"]["tissue"][t]["clean"]["dice"]),
                            (f"eps {top}/255 dice", lambda e, t: e["robust"]["tissue"][t]["worst"][top]["dice"])):
             tissue[f"{m} {label}"] = [float(_nan_stat(np.nanmean, [get(s[m], t) for s in per_seed.values()
@@ -186,7 +212,7 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
                                       for t in tissues]
     curves: dict[str, dict] = {}
     for name in [*evals[0]["robust"]["attacks"], "worst"]:  # the protocol's order (the JSON's keys are sorted)
-        for m in MODELS:
+        for m in models_of(per_seed):
             runs = [s[m]["robust"]["curves"][name][top] for s in per_seed.values()]
             values = [r["dice"] for r in runs]  # (seeds, points)
             curves.setdefault(name, {})[m] = {"steps": runs[0]["steps"],
@@ -260,7 +286,7 @@ def attack_name(settings: dict) -> str:
             + f", target full-area class {s['target']} ({CLASS_NAMES[int(s['target'])]})")
 
 
-TITLE = "mlsys report: four models, clean and under attack"
+TITLE = "mlsys report: four models and the adversarial-training baselines, clean and under attack"
 METRICS_NOTE = ("Standard metrics: argmax, per class, macro mean over the nucleus classes present "
                 "(absent classes: n/a, excluded); jaccard is the mIoU over the five nucleus classes. "
                 "miou: per-class IoU pooled over the split, mean over all six classes present (background "
@@ -269,16 +295,16 @@ METRICS_NOTE = ("Standard metrics: argmax, per class, macro mean over the nucleu
                 "prediction left out), mean over images. Paper metrics: softmax >= 0.1 per channel, "
                 "TP/FP/FN pooled over all channels including background (original code). "
                 "Cells: mean ± sample standard deviation over the seeds.")
-PAIRED_NOTE = ("Paired differences from model 1 (same seed): mean [95% t-interval]; * marks an interval "
-               "that excludes 0, i.e. a difference beyond the spread over seeds.")
+PAIRED_NOTE = ("Paired differences from model 1 and from PGD-AT (column \"from\"; same seed): mean [95% "
+               "t-interval]; * marks an interval that excludes 0, i.e. a difference beyond the spread over seeds.")
 CHAMPION_CRITERION = ("highest mean over seeds of the standard Dice under the evaluation attack (attack/dice); "
                       "ties go to the higher clean Dice, then to the lower model number")
 
 
 def mean_evals(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     """{model: {"clean": means, "attack": means}} over the seeds (what the champion is chosen by)."""
-    out: dict[str, dict] = {m: {} for m in MODELS}
-    for m in MODELS:
+    out: dict[str, dict] = {m: {} for m in models_of(per_seed)}
+    for m in out:
         for key in ("clean", "attack"):
             names = sorted({k for s in per_seed.values() for k in s[m][key]})
             values = np.array([[s[m][key].get(k, math.nan) for k in names] for s in per_seed.values()], dtype=float)
@@ -296,8 +322,9 @@ def champion(evals: dict[str, dict]) -> str:
                                      -order.index(m)))
 
 
-def champion_line(name: str, registered: str, version: str | int, alias: str, seed: int) -> str:
-    return (f"Champion: {MODEL_LABELS.get(name, name)}, the weights of seed {seed} registered as {registered} "
+def champion_line(name: str, registered: str, version: str | int, alias: str, seed: int,
+                  labels: dict[str, str] = MODEL_LABELS) -> str:
+    return (f"Champion: {labels.get(name, name)}, the weights of seed {seed} registered as {registered} "
             f"version {version} with the alias '{alias}' (criterion: {CHAMPION_CRITERION}).")
 
 
@@ -312,6 +339,13 @@ def per_class_rows(evals: dict[str, dict]) -> list[dict]:
                 rows.append({"label": f"{m} {c}", "model": m, "class": c, "clean_dice": round(clean, 6),
                              "attack_dice": round(attack, 6)})
     return rows
+
+
+def baselines_note(adv: AdversarialParams) -> str:
+    """The report's line on the baselines: what pgdat and trades are, with their settings."""
+    return ("Adversarial-training baselines, trained on the clean set for "
+            f"{adv.epochs} epochs: " + "; ".join(f"{b} = {baseline_label(b, adv)}" for b in BASELINES)
+            + f" (inner step {adv.step_size:g}/255; TRADES' start N(0, {adv.trades_start:g}^2)).")
 
 
 def table_titles(attack: str, n_seeds: int) -> tuple[str, str]:
@@ -371,7 +405,7 @@ def read_evals(seeds: list[int]) -> dict[int, dict[str, dict]]:
     out = {}
     for seed in seeds:
         out[seed] = {}
-        for m in MODELS:
+        for m in EXPERIMENT:
             path = paths.eval_metrics(m, seed)
             require(path, paths.stage_name("evaluate", m, seed))
             out[seed][m] = json.loads(Path(path).read_text())
@@ -386,7 +420,7 @@ def build_tables(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     for name, key in (("table1", "clean"), ("table2", "attack")):
         mean, std = over_seeds([table({m: e[key] for m, e in evals.items()}) for evals in per_seed.values()])
         out[name], out[f"{name}_std"], out[f"{name}_seeds"] = mean, std, per_seed_table(per_seed, key)
-    out["paired"] = paired_differences(per_seed)
+    out["paired"] = [r for b in PAIRED_BASELINES if b in models_of(per_seed) for r in paired_differences(per_seed, b)]
     out["robust"] = build_robust(per_seed)
     return out
 
@@ -394,7 +428,7 @@ def build_tables(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
 def summary(per_seed: dict[int, dict[str, dict]], tabs: dict) -> dict:
     """The numbers of metrics/report.json (`dvc metrics show`, `dvc exp show`): per model the
     mean and std over seeds of accuracy, Dice and paper Dice, clean and attacked, and the
-    paired differences from model 1 with their intervals."""
+    paired differences with their intervals: "paired" from model 1, "paired_pgdat" from PGD-AT."""
     out: dict = {"seeds": list(per_seed)}
     for name, key in (("table1", "clean"), ("table2", "attack")):
         for i, m in enumerate(tabs[name]["model"]):
@@ -402,7 +436,8 @@ def summary(per_seed: dict[int, dict[str, dict]], tabs: dict) -> dict:
                 out.setdefault(key, {}).setdefault(m, {})[metric] = {
                     "mean": _num(tabs[name][metric][i]), "std": _num(tabs[f"{name}_std"][metric][i])}
     for r in tabs["paired"]:
-        out.setdefault("paired", {}).setdefault(r["model"], {})[f"{r['split']}_{r['metric']}"] = {
+        key = "paired" if r.get("baseline", "model1") == "model1" else f"paired_{r['baseline']}"
+        out.setdefault(key, {}).setdefault(r["model"], {})[f"{r['split']}_{r['metric']}"] = {
             "mean": _num(r["mean"]), "lo": _num(r["lo"]), "hi": _num(r["hi"])}
     if tabs.get("robust") is not None:
         out["robust"] = robust_summary(tabs["robust"])
@@ -435,19 +470,22 @@ def main(p) -> None:
     tabs = build_tables(per_seed)
     means = mean_evals(per_seed)
     titles = table_titles(attack, len(seeds))
-    shown = [(titles[0], mean_std_table(tabs["table1"], tabs["table1_std"])),
-             (titles[1], mean_std_table(tabs["table2"], tabs["table2_std"])),
-             (PAIRED_NOTE, paired_table(tabs["paired"])),
+    labels = model_labels(p.adversarial)
+    models = models_of(per_seed)
+    shown = [(titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
+             (titles[1], labelled(mean_std_table(tabs["table2"], tabs["table2_std"]), labels)),
+             (PAIRED_NOTE, labelled(paired_table(tabs["paired"]), labels, ("model", "from"))),
              ("Table 1 per seed", tabs["table1_seeds"]), ("Table 2 per seed", tabs["table2_seeds"])]
     rob = tabs["robust"]
     if rob is not None:  # after Tables 1-2 and the paired differences, before the per-seed rows
         rtitles = robust_titles(rob)
-        shown[3:3] = [*[(title, mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"], ms)))
-                        for title, ms in zip(rtitles, ROBUST_SHOWN)],
+        shown[3:3] = [*[(title, labelled(mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"], ms)),
+                                         labels)) for title, ms in zip(rtitles, ROBUST_SHOWN)],
                       (rtitles[2], rob["tissue"])]
     machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
     notes = [f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. Reproducibility: CPU "
-             "results are bit-identical only on the same CPU model with the same thread count."]
+             "results are bit-identical only on the same CPU model with the same thread count.",
+             baselines_note(p.adversarial)]
     # reports/ is a DVC out dir written file by file: build it beside and rename it when complete
     with tracking.stage_run(paths.stage_name("report"), {"seeds": ",".join(map(str, seeds))}, p.tracking.experiment,
                             {"mlsys.stage": "report"}) as run, files.atomic_dir(paths.REPORT) as out:
@@ -455,20 +493,20 @@ def main(p) -> None:
         for name in ("table1", "table1_std", "table1_seeds", "table2", "table2_std", "table2_seeds"):
             (out / f"{name}.csv").write_text(to_csv(tabs[name]))
             mlflow.log_table(tabs[name], f"tables/{name}.json")
-        paired_cols = {k: [r[k] for r in tabs["paired"]] for k in ("model", "split", "metric", "mean", "std", "lo",
-                                                                      "hi", "n_seeds")}
+        paired_cols = {k: [r[k] for r in tabs["paired"]] for k in ("model", "baseline", "split", "metric", "mean",
+                                                                      "std", "lo", "hi", "n_seeds")}
         (out / "paired.csv").write_text(to_csv(paired_cols))
         mlflow.log_table(paired_cols, "tables/paired.json")
         for (title, t), name in zip(shown[:2], ("table1", "table2")):
             (out / f"{name}.md").write_text(to_markdown(t, title))
         (out / "paired.md").write_text(to_markdown(shown[2][1], shown[2][0]))
         figs: list[tuple[str, str]] = []
-        histories = {m: [] for m in MODELS}
-        for m in MODELS:
+        histories = {m: [] for m in models}
+        for m in models:
             for seed in seeds:
                 with open(paths.train_plot(m, seed)) as f:
                     histories[m].append([{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)])
-        figures.save(figures.loss_bands(histories, f"validation loss of the four models (band: lowest to highest "
+        figures.save(figures.loss_bands(histories, f"validation loss of the models (band: lowest to highest "
                                                    f"of {len(seeds)} seeds)"), out / "figures/validation_loss.png")
         figs.append(("Validation loss", "figures/validation_loss.png"))
         figures.save(figures.metric_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
@@ -502,9 +540,9 @@ def main(p) -> None:
                 {"epoch": e, **{k: float(np.mean([r[e][k] for r in runs])) for k in ("train_loss", "valid_loss")}}
                 for e in range(n)])
         first = seeds[0]
-        for m in MODELS:
+        for m in models:
             shutil.copy(Path(paths.eval_figures(m, first)) / "attack_panel.png", out / f"figures/{m}_attack_panel.png")
-            figs.append((f"{MODEL_LABELS[m]} under attack (seed {first})", f"figures/{m}_attack_panel.png"))
+            figs.append((f"{labels[m]} under attack (seed {first})", f"figures/{m}_attack_panel.png"))
         model1 = load_weights(paths.weights("model1", first), p.model).eval()
         clean, _ = data.head(paths.CLEAN, "train", p.evaluate.n_panel)
         for method in ("method1", "method2"):
@@ -526,7 +564,7 @@ def main(p) -> None:
         if p.tracking.log_model:  # the champion joins the model registry
             result["champion"] = champion_to_registry(means, first, p)
             notes.append(champion_line(result["champion"]["model"], result["champion"]["registered_model"],
-                                       result["champion"]["version"], tracking.CHAMPION_ALIAS, first))
+                                       result["champion"]["version"], tracking.CHAMPION_ALIAS, first, labels))
             print(notes[-1])
         files.write_json(paths.REPORT_METRICS, result)
         (out / "report.md").write_text(markdown_report(shown, figs, tuple(notes)))
@@ -540,7 +578,7 @@ def main(p) -> None:
 
 
 def champion_to_registry(means: dict[str, dict], seed: int, p) -> dict:
-    """Register the best of the four models (CHAMPION_CRITERION, on the means over seeds),
+    """Register the best of the models, baselines included (CHAMPION_CRITERION, on the means over seeds),
     its weights of ``seed``, as the ``champion`` of the MLflow registered model; returns
     what metrics/report.json says about it."""
     import os
@@ -588,29 +626,33 @@ def compare(p, parent: str | None = None) -> str:
         seed = r.data.tags.get("mlsys.seed")
         if seed is not None and int(seed) in p.seeds:
             latest.setdefault((r.data.tags.get("mlsys.model"), int(seed)), r)
-    missing = [f"{m} seed {s}" for s in p.seeds for m in MODELS if (m, s) not in latest]
-    if len(missing) == len(MODELS) * len(p.seeds):
+    missing = [f"{m} seed {s}" for s in p.seeds for m in EXPERIMENT if (m, s) not in latest]
+    if len(missing) == len(EXPERIMENT) * len(p.seeds):
         raise ConnectionError(f"no finished evaluate runs in experiment {p.tracking.experiment!r} "
                               f"at {tracking.redact(tracking.tracking_uri())}; run `dvc repro` first")
+    seeds = [s for s in p.seeds if all((m, s) in latest for m in MODELS)]
+    # the baselines where every such seed has them (runs of a pipeline before them: the four only)
+    models = [*MODELS, *(b for b in BASELINES if all((b, s) in latest for s in seeds))]
     per_seed = {}
-    for s in p.seeds:
-        if all((m, s) in latest for m in MODELS):
-            per_seed[s] = {}
-            for m in MODELS:
-                r = latest[(m, s)]
-                met, prm = r.data.metrics, r.data.params
-                per_seed[s][m] = {"clean": {k[6:]: v for k, v in met.items() if k.startswith("clean/")},
-                                  "attack": {k[7:]: v for k, v in met.items() if k.startswith("attack/")},
-                                  "attack_settings": {k: prm.get(f"evaluate.attack.{k}") for k in
-                                                      ("mode", "steps", "eps", "alpha", "target")}}
+    for s in seeds:
+        per_seed[s] = {}
+        for m in models:
+            r = latest[(m, s)]
+            met, prm = r.data.metrics, r.data.params
+            per_seed[s][m] = {"clean": {k[6:]: v for k, v in met.items() if k.startswith("clean/")},
+                              "attack": {k[7:]: v for k, v in met.items() if k.startswith("attack/")},
+                              "attack_settings": {k: prm.get(f"evaluate.attack.{k}") for k in
+                                                  ("mode", "steps", "eps", "alpha", "target")}}
     tabs = build_tables(per_seed)
     attack = attack_name(next(iter(per_seed.values()))["model1"]["attack_settings"])
     titles = table_titles(attack, len(per_seed))
     lines = [f"runs: {len(latest)} evaluations of seeds {', '.join(map(str, per_seed))}"
              + (f" (missing: {', '.join(missing)})" if missing else "")]
-    for (title, t) in ((titles[0], mean_std_table(tabs["table1"], tabs["table1_std"])),
-                       (titles[1], mean_std_table(tabs["table2"], tabs["table2_std"])),
-                       ("Paired differences from model 1", paired_table(tabs["paired"]))):
+    labels = model_labels(p.adversarial)
+    for (title, t) in ((titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
+                       (titles[1], labelled(mean_std_table(tabs["table2"], tabs["table2_std"]), labels)),
+                       ("Paired differences from model 1 and from PGD-AT",
+                        labelled(paired_table(tabs["paired"]), labels, ("model", "from")))):
         lines.append(to_markdown(t, title))
     return "\n".join(lines)
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from .evaluate import log_robust, robust_chunk, robust_curve_rows, robust_merge, robust_results, train_class_weights
 from .metrics import SegMetrics
-from .params import CLASS_NAMES, EvaluateParams, InputError, Params, ParamsError
+from .params import CLASS_NAMES, EvaluateParams, InputError, Params
 from .results import json_clean, radius_key
 
 PNG_LAYOUT = ("DATA/images/<stem>.png (8-bit RGB) and DATA/masks/<stem>.png (single-channel class ids, "

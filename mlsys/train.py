@@ -12,6 +12,10 @@ keeps, or of the last epoch (``train.keep``; :func:`kept_epoch`). A checkpoint i
 written after every epoch and training resumes from it; random state is re-seeded
 from (seed, epoch) at each epoch start, so a resumed run on CPU reproduces an
 uninterrupted one bit for bit.
+
+The loop is the only one of the project: the adversarial-training baselines
+(:mod:`mlsys.adversarial`) run it with their own per-batch loss (``batch_loss``: the inner
+attack and the training objective), so this module holds no attack code.
 """
 from __future__ import annotations
 
@@ -34,9 +38,20 @@ from .files import atomic_path
 from .hardware import machine, pick_device
 from .metrics import evaluate_model
 from .model import UNet, build_model
-from .params import MODELS, TrainParams, method_tag
+from .params import EXPERIMENT, MODELS, TrainParams, method_tag
 from .progress import bar as progress_bar
 from .weights import CheckpointError, safe_load, save_weights
+
+
+# batch_loss(net, model, x, y) -> the scalar loss of one batch: ``net`` is what the optimiser
+# steps through (DDP, torch.compile), ``model`` the bare U-Net (an inner attack's gradient
+# forwards go around DDP's gradient reducer); x (B, 3, H, W) in [0, 1], y (B, H, W) int64
+BatchLoss = Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def clean_loss(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The four models' loss: pixel cross-entropy of the clean batch."""
+    return F.cross_entropy(net(x), y)
 
 
 def epochs_for(model_name: str, cfg: TrainParams) -> int:
@@ -81,13 +96,16 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor],
                 cfg: TrainParams, epochs: int, checkpoint: str | os.PathLike | None = None,
                 fingerprint: str = "", on_epoch: Callable[[int, dict], None] | None = None,
-                progress: bool = True, group: Group | None = None) -> list[dict]:
+                progress: bool = True, group: Group | None = None,
+                batch_loss: BatchLoss = clean_loss) -> list[dict]:
     """Train ``model`` in place; returns the per-epoch history.
 
     train/valid: images (N, 3, H, W) float in [0, 1] and masks (N, H, W) int64.
     ``checkpoint``: file rewritten after every epoch; an existing one with the same
     ``fingerprint`` (params + data digests) is resumed from.
     ``on_epoch(epoch, row)`` is called after each epoch (logging).
+    ``batch_loss``: the loss of one batch (:data:`BatchLoss`); the default is the clean
+    pixel cross-entropy, the adversarial baselines pass their inner attack and objective.
 
     ``group`` (torchrun, :mod:`mlsys.distributed`): DistributedDataParallel over its W
     processes. ``cfg.batch_size`` stays the global batch: each rank takes batch_size / W
@@ -178,7 +196,7 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
             idx = order[b:b + per_rank]
             x, y = images[idx].to(device, non_blocking=True), masks[idx].to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(step(x), y)
+                loss = batch_loss(step, model, x, y)  # an inner attack restores the train mode it found
             opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks (equal shares: the global mean)
             opt.step()
@@ -225,29 +243,34 @@ def training_data(name: str, seed: int):
     from .data import load_split
     from .files import require
 
-    sets = [paths.dataset(s, seed) for s in MODELS[name]]
-    for s, path in zip(MODELS[name], sets):
+    sets = [paths.dataset(s, seed) for s in EXPERIMENT[name]]
+    for s, path in zip(EXPERIMENT[name], sets):
         require(path, "prepare" if s == "clean" else paths.stage_name("augment", s, seed))
     parts = [load_split(path, "train") for path in sets]
     return sets, (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), \
         load_split(paths.CLEAN, "valid", channels=True)
 
 
-def main(p, name: str, seed: int, relaunch: list[str]) -> None:
+def main(p, name: str, seed: int, relaunch: list[str], epochs: int | None = None,
+         batch_loss: BatchLoss = clean_loss, extra: dict | None = None) -> None:
     """DVC stage ``train-<name>@<seed>``: ``models/seed<seed>/<name>.pt``, its per-epoch curve
     (``plots/train/...csv``) and summary (``metrics/train/...json``), one MLflow run with
     every epoch's metrics, figures and the logged model. ``distributed.nproc.train`` > 1:
-    DistributedDataParallel under torchrun (the interpreter arguments ``relaunch`` re-run there)."""
+    DistributedDataParallel under torchrun (the interpreter arguments ``relaunch`` re-run there).
+    The adversarial baselines' stage (:mod:`mlsys.adversarial`) is this one with its own
+    ``epochs``, ``batch_loss`` and ``extra`` params (logged, and part of the resume fingerprint)."""
     from dataclasses import replace
 
     from .distributed import in_processes
 
     cfg = replace(p.train, seed=seed)
+    epochs = epochs_for(name, cfg) if epochs is None else epochs
     in_processes(p.distributed.nproc.train, relaunch, pick_device(cfg.device), p.distributed.timeout_s,
-                 lambda group: _train_stage(p, cfg, name, seed, group))
+                 lambda group: _train_stage(p, cfg, name, seed, group, epochs, batch_loss, extra or {}))
 
 
-def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None) -> None:
+def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None, epochs: int,
+                 batch_loss: BatchLoss, extra: dict) -> None:
     import json
 
     import mlflow
@@ -258,16 +281,16 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
     from .metrics import predict
     from .params import section_dict, show_progress
 
-    epochs = epochs_for(name, cfg)
     if not is_main(group):  # a torchrun rank other than 0: the same steps, nothing logged or written
         _, train, valid = training_data(name, seed)
         torch.manual_seed(seed)
-        train_model(build_model(p.model), train, valid, cfg, epochs, progress=False, group=group)
+        train_model(build_model(p.model), train, valid, cfg, epochs, progress=False, group=group,
+                    batch_loss=batch_loss)
         return
     world = group.world if group else 1
     params = {**{f"model.{k}": v for k, v in section_dict(p.model).items()},
-              **{f"train.{k}": v for k, v in section_dict(cfg).items()},
-              "train.epochs_effective": epochs, "train.sets": ",".join(MODELS[name]),
+              **{f"train.{k}": v for k, v in section_dict(cfg).items()}, **extra,
+              "train.epochs_effective": epochs, "train.sets": ",".join(EXPERIMENT[name]),
               "train.processes": world, "train.batch_per_process": cfg.batch_size // world}
     weights = paths.weights(name, seed)
     with tracking.stage_run(paths.stage_name("train", name, seed), params, p.tracking.experiment,
@@ -288,9 +311,9 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
         with tracking.timed("compute"):
             history = train_model(model, train, valid, cfg, epochs, checkpoint, fingerprint, on_epoch,
-                                  show_progress(), group)
+                                  show_progress(), group, batch_loss)
         model.cpu().eval()
-        save_weights(model, p.model, weights, {"model": name, "seed": seed, "sets": list(MODELS[name]),
+        save_weights(model, p.model, weights, {"model": name, "seed": seed, "sets": list(EXPERIMENT[name]),
                                                "epochs": epochs})
         kept = history[kept_epoch(history, cfg.keep)]  # the weights saved: train.keep
         summary = {"kept/epoch": kept["epoch"], "kept/valid_loss": kept["valid_loss"],
@@ -321,7 +344,7 @@ def _train_stage(p, cfg: TrainParams, name: str, seed: int, group: Group | None)
 def cli(argv: list[str] | None = None) -> int:
     """``python -m mlsys.train <model> [--seed S]``: the stage as DVC runs it."""
     ap = entry.parser("python -m mlsys.train", "Train one of the four models (DVC stage train-<model>@<seed>).")
-    ap.add_argument("model", choices=list(MODELS))
+    ap.add_argument("model", choices=list(MODELS))  # the baselines: mlsys.adversarial
     ap.add_argument("--seed", type=int, help=entry.SEED_HELP)
     return entry.main("mlsys train", "mlsys.train", ap,
                       lambda a, p: main(p, a.model, entry.seed_of(a, p), a.relaunch), argv)

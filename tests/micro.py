@@ -28,15 +28,17 @@ MICRO = {
     "train": {"epochs": 2, "batch_size": 6, "device": "cpu"},
     "evaluate": {"n_panel": 2, "attack": {"steps": 2}, "robust": {"radii": [2, 8], "steps": 2}},
     "augment": {"device": "cpu", "method1": {"steps": 1}, "method2": {"chunk": 200}},
+    "adversarial": {"epochs": 1, "steps": 1},  # the baselines: tiny as the rest
 }
-from mlsys.params import METHODS, MODELS  # noqa: E402
+from mlsys.params import EXPERIMENT, METHODS, MODELS  # noqa: E402
 from mlsys.paths import stage_name  # noqa: E402
 
 
 def stages(seeds=(0, 1)) -> set[str]:
     """The DVC stage (= MLflow run) names of a pipeline over ``seeds``."""
     return {"prepare", "report", *(stage_name(job, name, s) for s in seeds
-                                   for job, names in (("train", MODELS), ("augment", METHODS), ("evaluate", MODELS))
+                                   for job, names in (("train", EXPERIMENT), ("augment", METHODS),
+                                                      ("evaluate", EXPERIMENT))
                                    for name in names)}
 
 

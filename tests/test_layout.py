@@ -16,7 +16,7 @@ import yaml
 
 import micro
 from mlsys import closure, paths
-from mlsys.params import METHODS, MODELS
+from mlsys.params import BASELINES, EXPERIMENT, METHODS, MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "mlsys"
@@ -115,7 +115,14 @@ def test_each_stage_executes_only_what_it_uses():
     the presets belong to no stage."""
     every = set().union(*(closure.modules(stage_module(st["cmd"])) for st in stages().values()))
     assert not {"cli", "__main__", "presets"} & every
-    assert not {"attacks", "robust", "ops", "method1", "method2", "synthetic"} & set(closure.modules("train"))
+    assert not {"attacks", "robust", "ops", "method1", "method2", "synthetic", "adversarial"} & set(
+        closure.modules("train"))
+    # the baselines' stage runs the one training loop with the attacks' PGD loop, nothing more
+    assert set(closure.modules("adversarial")) == set(closure.modules("train")) | {"adversarial", "attacks"}
+    for name, st in stages().items():
+        if name.startswith("train-"):
+            baseline = name.split("@")[0][len("train-"):] in BASELINES
+            assert stage_module(st["cmd"]) == ("mlsys.adversarial" if baseline else "mlsys.train"), name
     assert not {"ops", "_build", "method2", "robust"} & set(closure.modules("method1"))
     assert "robust" not in closure.modules("method2") and "robust" not in closure.modules("report")
 
@@ -158,8 +165,8 @@ def _groups(all_stages: dict, job: str) -> set[str]:
 
 def test_models_and_paths_agree_with_dvc_yaml():
     all_stages = stages()
-    assert _groups(all_stages, "train") == set(MODELS)
-    assert _groups(all_stages, "evaluate") == set(MODELS)
+    assert _groups(all_stages, "train") == set(EXPERIMENT) == set(MODELS) | set(BASELINES)
+    assert _groups(all_stages, "evaluate") == set(EXPERIMENT)
     assert _groups(all_stages, "augment") == set(METHODS)
     prep = all_stages["prepare"]
     assert prep["outs"] == [paths.CLEAN] and prep["metrics"] == []
@@ -170,7 +177,7 @@ def test_models_and_paths_agree_with_dvc_yaml():
         return {d for d in st["deps"] if d.startswith(("data/", "models/"))}
 
     for s in seeds():
-        for m, sets in MODELS.items():
+        for m, sets in EXPERIMENT.items():
             st = all_stages[paths.stage_name("train", m, s)]
             # the training sets of MODELS, plus the clean data's validation split (train.py)
             assert data_deps(st) == {paths.dataset(n, s) for n in sets} | {paths.CLEAN}, f"train-{m}@{s}"
@@ -180,6 +187,13 @@ def test_models_and_paths_agree_with_dvc_yaml():
             assert data_deps(st) == {paths.CLEAN, paths.weights(m, s)}, f"evaluate-{m}@{s}"
             assert st["outs"] == [paths.eval_figures(m, s)], f"evaluate-{m}@{s}"
             assert st["metrics"] == [paths.eval_metrics(m, s)], f"evaluate-{m}@{s}"
+        for b in BASELINES:  # the adversarial keys a baseline reads, and train's (its loop's) sections
+            from mlsys.adversarial import FIELDS
+
+            st = all_stages[paths.stage_name("train", b, s)]
+            assert st["params"] == ["model", "train", "distributed.nproc.train",
+                                    *(f"adversarial.{k}" for k in FIELDS[b])], f"train-{b}@{s}"
+            assert st["cmd"].split()[2:] == ["mlsys.adversarial", b, "--seed", str(s)], f"train-{b}@{s}"
         for method in METHODS:
             st = all_stages[paths.stage_name("augment", method, s)]
             assert data_deps(st) == {paths.CLEAN, paths.weights("model1", s)}, f"augment-{method}@{s}"

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from micro import PIPELINE_SEEDS, run, runs_of, stages
+from mlsys.params import EXPERIMENT
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the micro pipeline (`pytest -m 'not slow'` skips them)
 
@@ -38,6 +39,13 @@ def test_repro_logs_parent_and_stage_runs(pipeline):
                                          filter_string=f"source_run_id = '{train.info.run_id}'")
     assert [m.name for m in models] == ["model"], "the trained U-Net is logged as an MLflow model"
 
+    adv = children["train-pgdat@0"]   # a baseline: its own stage module, the same kind of run
+    assert adv.data.params["adversarial.steps"] == "1" and "adversarial.beta" not in adv.data.params
+    assert adv.data.params["adversarial.label"] == "PGD-AT (1 step, 4/255, half clean)"
+    assert adv.data.tags["mlsys.method"] == "pgdat" and adv.data.params["train.epochs_effective"] == "1"
+    assert [m.step for m in client.get_metric_history(adv.info.run_id, "valid/loss")] == [0]
+    assert "adversarial.beta" in children["train-trades@0"].data.params
+
     ev = children["evaluate-model3@0"]
     for key in ("clean/accuracy", "clean/dice", "clean/paper_dice", "attack/accuracy", "attack/jaccard",
                 "clean/dice/neoplastic"):
@@ -58,20 +66,26 @@ def test_outputs_report_and_second_repro_runs_nothing(pipeline):
                  "reports/figures/validation_loss.png", "dvc.lock"):
         assert (repo / path).exists(), path
     table = (repo / "reports/table2.csv").read_text().splitlines()
-    assert table[0].startswith("model,loss,accuracy,dice") and len(table) == 5      # the means over seeds
+    # the four models and the two baselines, means over seeds
+    assert table[0].startswith("model,loss,accuracy,dice") and len(table) == 1 + len(EXPERIMENT)
+    assert [r.split(",")[0] for r in table[-2:]] == ["pgdat", "trades"]
     seeds = (repo / "reports/table2_seeds.csv").read_text().splitlines()
-    assert len(seeds) == 1 + 4 * len(PIPELINE_SEEDS) and seeds[1].startswith("model1 seed 0,")
+    assert len(seeds) == 1 + len(EXPERIMENT) * len(PIPELINE_SEEDS) and seeds[1].startswith("model1 seed 0,")
     paired = (repo / "reports/paired.csv").read_text().splitlines()
-    assert paired[0] == "model,split,metric,mean,std,lo,hi,n_seeds" and len(paired) == 1 + 3 * 2 * 3
+    # every other model from model 1 and from PGD-AT, clean and attacked, 3 metrics
+    assert paired[0] == "model,baseline,split,metric,mean,std,lo,hi,n_seeds"
+    assert len(paired) == 1 + 2 * (len(EXPERIMENT) - 1) * 2 * 3
     page = (repo / "reports/report.md").read_text()
     assert "mean ± std over 2 seeds" in page and "Machine:" in page and "torch " in page
+    assert "PGD-AT (1 step, 4/255, half clean)" in page and "TRADES (beta 6, 1 step, 4/255)" in page
     ev = json.loads((repo / "metrics/eval/seed1/model2.json").read_text())["robust"]
     assert ev["radii"] == [2.0, 8.0] and set(ev["worst"]) == {"2", "8"} and set(ev["per_attack"]) == {"segpgd", "cospgd", "sea"}
     assert ev["curves"]["worst"]["8"]["steps"] == [0, 1, 2] and ev["tissue"]
     curve = (repo / "plots/eval/seed1/model2/robust_curve.csv").read_text().splitlines()
     assert curve[0] == "attack,radius,step,dice,accuracy" and len(curve) == 1 + 4 * 2 * 3   # 3 attacks + worst
     robust = (repo / "reports/robust.csv").read_text().splitlines()
-    assert robust[0] == "model,eps 2/255 dice,eps 2/255 accuracy,eps 8/255 dice,eps 8/255 accuracy" and len(robust) == 5
+    assert robust[0] == "model,eps 2/255 dice,eps 2/255 accuracy,eps 8/255 dice,eps 8/255 accuracy"
+    assert len(robust) == 1 + len(EXPERIMENT)
     assert (repo / "reports/tissue.csv").read_text().startswith("tissue,model1 clean dice,model1 eps 8/255 dice,")
     assert "Robustness: worst case per image of segpgd, cospgd, sea" in page and "figures/robust_steps.png" in page
     for name in ("robust_radius.png", "robust_steps.png"):
@@ -88,7 +102,8 @@ def test_compare_prints_both_tables(pipeline):
     out = run(repo, sys.executable, "-m", "mlsys", "compare").stdout
     assert "Table 1" in out and "Table 2" in out and "faithful attack, 2 steps" in out
     assert out.count("| model | loss | accuracy | dice |") == 2
-    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 3   # both tables and the paired one
+    # both tables, and the paired one twice: from model 1 and from PGD-AT
+    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 4
     assert "mean ± std over 2 seeds" in out and "Paired differences from model 1" in out
 
 
@@ -129,11 +144,12 @@ def test_dvc_exp_show_and_plots_read_the_pipeline_outputs(pipeline, tmp_path):
     show = json.loads(run(repo, "dvc", "exp", "show", "--json").stdout)
     metrics = show[0]["data"]["metrics"]  # the workspace
     report_metrics = metrics["metrics/report.json"]["data"]
-    assert report_metrics["champion"]["model"] in {"model1", "model2", "model3", "model4"}
+    assert report_metrics["champion"]["model"] in EXPERIMENT
     assert len(report_metrics["mlflow"]["pipeline_run_id"]) == 32
     assert len(metrics["metrics/eval/seed0/model2.json"]["data"]["mlflow_run_id"]) == 32
     assert set(report_metrics["attack"]["model3"]["dice"]) == {"mean", "std"}        # aggregates for `dvc exp show`
     assert set(report_metrics["paired"]["model2"]["attack_dice"]) == {"mean", "lo", "hi"}
+    assert set(report_metrics["paired_pgdat"]["trades"]["attack_dice"]) == {"mean", "lo", "hi"}
     assert set(report_metrics["robust"]["model4"]["eps8"]["dice"]) == {"mean", "std"}
     assert (repo / "plots/report/robust_radius.csv").read_text().startswith("radius,model1_dice,model1_dice_std,")
     assert (repo / "plots/report/robust_steps.csv").read_text().startswith("step,model1_segpgd,")

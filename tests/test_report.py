@@ -44,10 +44,8 @@ def test_html_report_embeds_tables_and_figures(tmp_path):
 
 def seeds_of(values: dict[str, list[float]]) -> dict[int, dict[str, dict]]:
     """Evaluation JSONs of three seeds whose attack Dice per model are ``values[model]``."""
-    from mlsys.params import MODELS
-
     return {s: {m: {"clean": {"dice": 0.5, "accuracy": 0.9},
-                    "attack": {"dice": values[m][s], "accuracy": 0.8}} for m in MODELS} for s in range(3)}
+                    "attack": {"dice": values[m][s], "accuracy": 0.8}} for m in values} for s in range(3)}
 
 
 def test_tables_over_seeds_give_mean_and_sample_std():
@@ -192,3 +190,34 @@ def test_tables_1_and_2_carry_the_miou_family():
     assert t["miou"] == [0.4] and t["nmiou"] == [0.8] and t["miou_image"] == [0.45]
     assert "| miou | nmiou | miou_image |" in report.to_markdown(t, "T")
     assert all(w in report.METRICS_NOTE for w in ("miou", "nmiou", "miou_image", "RSE", "SEA"))
+
+
+# --------------------------------------------------------------------------- the adversarial-training baselines
+def test_paired_differences_from_model1_and_from_pgdat_with_the_baselines_labelled():
+    from mlsys.params import EXPERIMENT, AdversarialParams
+
+    values = {m: [0.3] * 3 for m in EXPERIMENT}
+    values["pgdat"] = [0.40, 0.50, 0.60]
+    values["model3"] = [0.45, 0.56, 0.64]                                   # pgdat + 0.05, 0.06, 0.04
+    per_seed = seeds_of(values)
+    tabs = report.build_tables(per_seed)
+    assert tabs["table2"]["model"] == list(EXPERIMENT)
+    rows = {(r["model"], r["baseline"], r["split"], r["metric"]): r for r in tabs["paired"]}
+    n = len(EXPERIMENT) - 1
+    assert len(tabs["paired"]) == 2 * n * 2 * 3                          # from model 1 and from PGD-AT
+    assert rows[("model3", "pgdat", "attack", "dice")]["mean"] == pytest.approx(0.05)
+    assert rows[("pgdat", "model1", "attack", "dice")]["mean"] == pytest.approx(0.2)
+    assert ("pgdat", "pgdat", "attack", "dice") not in rows
+    cells = report.labelled(report.paired_table(tabs["paired"]), report.model_labels(AdversarialParams()),
+                            ("model", "from"))
+    i = next(k for k, (m, b) in enumerate(zip(cells["model"], cells["from"]))
+             if m == "model3" and b.startswith("PGD-AT"))
+    assert cells["from"][i] == "PGD-AT (2 steps, 4/255, half clean)" and cells["attack dice"][i].endswith(" *")
+    assert "TRADES (beta 6, 2 steps, 4/255)" in cells["model"]
+    summ = report.summary(per_seed, tabs)
+    assert summ["paired_pgdat"]["model3"]["attack_dice"]["mean"] == pytest.approx(0.05)
+    assert summ["paired"]["pgdat"]["attack_dice"]["mean"] == pytest.approx(0.2)
+    t1 = report.labelled(report.mean_std_table(tabs["table1"], tabs["table1_std"]), report.model_labels(
+        AdversarialParams(steps=1, half_clean=False)))
+    assert t1["model"][:4] == ["model1", "model2", "model3", "model4"] and t1["model"][4] == "PGD-AT (1 step, 4/255)"
+    assert "pgdat = PGD-AT (2 steps, 4/255, half clean)" in report.baselines_note(AdversarialParams())
