@@ -304,10 +304,14 @@ def per_class_rows(evals: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def table_titles(attack: str, n_seeds: int) -> tuple[str, str]:
-    """Titles of Table 1 and Table 2; ``attack`` as :func:`attack_name` names it."""
+def table_titles(attack: str, n_seeds: int, split: str | None = None) -> tuple[str, str]:
+    """Titles of Table 1 and Table 2; ``attack`` as :func:`attack_name` names it, ``split``
+    the data and protocol of the test split as mlsys.data.describe_split words it."""
     over = f"mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}"
-    return f"Table 1: clean test split ({over})", f"Table 2: under attack ({attack}; {over})"
+    if not split:
+        return f"Table 1: clean test split ({over})", f"Table 2: under attack ({attack}; {over})"
+    return (f"Table 1: clean test split of {split} ({over})",
+            f"Table 2: under attack ({attack}; test split of {split}; {over})")
 
 
 def markdown_report(tables: list[tuple[str, dict]], figures: list[tuple[str, str]],
@@ -424,7 +428,9 @@ def main(p) -> None:
     attack = attack_name(next(iter(per_seed[seeds[0]].values()))["attack_settings"])
     tabs = build_tables(per_seed)
     means = mean_evals(per_seed)
-    titles = table_titles(attack, len(seeds))
+    # which data and protocol produced every number: said in the header and the table titles
+    split = data.describe_split(data.read_attrs(paths.CLEAN))
+    titles = table_titles(attack, len(seeds), split)
     shown = [(titles[0], mean_std_table(tabs["table1"], tabs["table1_std"])),
              (titles[1], mean_std_table(tabs["table2"], tabs["table2_std"])),
              (PAIRED_NOTE, paired_table(tabs["paired"])),
@@ -435,7 +441,7 @@ def main(p) -> None:
         shown[3:3] = [(rtitles[0], mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"]))),
                       (rtitles[1], rob["tissue"])]
     machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
-    notes = [f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. Reproducibility: CPU "
+    notes = [f"Data: {split}.", f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. Reproducibility: CPU "
              "results are bit-identical only on the same CPU model with the same thread count."]
     # reports/ is a DVC out dir written file by file: build it beside and rename it when complete
     with tracking.stage_run(paths.stage_name("report"), {"seeds": ",".join(map(str, seeds))}, p.tracking.experiment,
@@ -503,7 +509,7 @@ def main(p) -> None:
                                              f"{method} training images (seed {first}; prediction: model 1)")
             figures.save(fig, out / f"figures/{method}_perturbation.png")
             figs.append((f"{method} perturbations", f"figures/{method}_perturbation.png"))
-        result = {**summary(per_seed, tabs), "machine": machines,
+        result = {**summary(per_seed, tabs), "data": split, "machine": machines,
                   "mlflow": {"pipeline_run_id": run.data.tags.get("mlflow.parentRunId", ""),
                              "report_run_id": run.info.run_id}}
         mlflow.log_metrics({f"{key}/{m}/{metric}_{stat}": v for key in ("clean", "attack")
