@@ -102,18 +102,40 @@ def cmd_check(args, p) -> None:
 
 
 def cmd_paper(args, p) -> None:
-    """`dvc exp run` of the paper's configuration (presets.PAPER) on your PanNuke fold."""
+    """`dvc exp run` of the paper's configuration (presets.PAPER) on your PanNuke data: one fold
+    split at random as the authors did (``data.protocol: pooled``), or with ``--official`` the
+    three folds, train, valid and test each a whole fold (``--split``, mlsys.params.OFFICIAL_SPLITS)."""
     import json
     import shlex
 
     from .data import DataError
-    from .presets import PAPER
+    from .presets import PAPER, POOLED_ONLY
 
-    if not Path(args.pannuke).exists():
-        raise DataError(f"{args.pannuke} does not exist; expected your PanNuke fold zip (e.g. fold_2.zip) "
-                        "or its unpacked 'Fold 2' folder")
-    sets = {**PAPER, "data.pannuke_path": str(Path(args.pannuke).resolve()), "data.fold": args.fold}
-    cmd = [str(Path(sys.executable).with_name("dvc")), "exp", "run", "-n", args.name]
+    for path in args.pannuke:
+        if not Path(path).exists():
+            raise DataError(f"{path} does not exist; expected your PanNuke fold zip (e.g. fold_2.zip) "
+                            "or its unpacked 'Fold 2' folder")
+    if args.official and args.fold is not None:
+        raise DataError("--fold picks the pooled protocol's fold; --official uses all three (pick a split with --split)")
+    if not args.official and args.split is not None:
+        raise DataError("--split picks one of the official protocol's splits; add --official")
+    if args.official:
+        split = args.split or 1
+        if len(args.pannuke) not in (1, 3):
+            raise DataError(f"--official needs PanNuke's three folds (fold 1, 2, 3: zips or folders) or one folder "
+                            f"holding all three; got {len(args.pannuke)} paths")
+        sets = {k: v for k, v in PAPER.items() if k not in POOLED_ONLY}
+        sets.update({"data.protocol": "official", "data.official_split": split,
+                     "data.pannuke_folds": [str(Path(f).resolve()) for f in args.pannuke]})
+        name = args.name or f"paper-official-{split}"
+    else:
+        if len(args.pannuke) != 1:
+            raise DataError(f"{len(args.pannuke)} paths given; the paper's protocol takes one fold "
+                            "(for PanNuke's three folds add --official)")
+        sets = {**PAPER, "data.protocol": "pooled", "data.pannuke_path": str(Path(args.pannuke[0]).resolve()),
+                "data.fold": args.fold or 2}
+        name = args.name or "paper"
+    cmd = [str(Path(sys.executable).with_name("dvc")), "exp", "run", "-n", name]
     for key, value in sets.items():
         cmd += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     print(shlex.join(cmd), flush=True)
@@ -169,7 +191,7 @@ def cmd_runs(args, p) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    from .params import EXPERIMENT, METHODS
+    from .params import EXPERIMENT, METHODS, OFFICIAL_SPLITS
 
     ap = entry.parser("mlsys", "mlsys: robust U-Net segmentation of histology (DVC stages, MLflow runs).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -203,10 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="print Tables 1 and 2 from the MLflow runs")
     s.add_argument("--parent", help="pipeline parent run id (default: the latest pipeline)")
     s = sub.add_parser("paper", help="run the paper's experiment (the authors' settings) on your PanNuke fold "
-                                     "as the DVC experiment `paper`")
-    s.add_argument("pannuke", help="your PanNuke fold: the downloaded zip (fold_2.zip) or its unpacked folder")
-    s.add_argument("--fold", type=int, default=2, help="fold number inside it (default: 2, as the paper)")
-    s.add_argument("--name", default="paper", help="DVC experiment name (default: paper)")
+                                     "as the DVC experiment `paper`, or on the three folds with --official")
+    s.add_argument("pannuke", nargs="+", help="your PanNuke fold: the downloaded zip (fold_2.zip) or its unpacked "
+                                              "folder; with --official folds 1, 2 and 3, or one folder holding all three")
+    s.add_argument("--fold", type=int, help="fold number inside it (default: 2, as the paper)")
+    s.add_argument("--official", action="store_true",
+                   help="PanNuke's official protocol: train, valid and test are whole folds (data.protocol: official)")
+    s.add_argument("--split", type=int, choices=sorted(OFFICIAL_SPLITS),
+                   help="with --official: " + "; ".join(f"{k} = train fold {a}, valid {b}, test {c}"
+                                                        for k, (a, b, c) in OFFICIAL_SPLITS.items())
+                        + " (CellViT's Fold-1..3; default: 1)")
+    s.add_argument("--name", help="DVC experiment name (default: paper, or paper-official-<split> with --official)")
     s.add_argument("--dry-run", action="store_true", help="print the `dvc exp run` command, run nothing")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store")
     s = sub.add_parser("server", help="start an MLflow tracking server (database backend, served artifacts)")

@@ -8,7 +8,10 @@ here (:func:`create_dataset` is the one place that writes them):
   /tissue  (N,) str
   /split/{train,valid,test}  int64 sorted indices
   attrs: provenance (source, seeds, normalisation, producing model, attack settings),
-         class_names, overlap_rule, channels_rule (where /channels exists)
+         class_names, overlap_rule, channels_rule (where /channels exists); the clean file
+         also the protocol of its split (describe_split): "pooled" (split_ratio, split_seed,
+         and for PanNuke the fold) or "official" (official_split, split_folds {split: fold},
+         fold_paths and fold_sizes of folds 1..3, whose images follow one another)
 The clean file comes from mlsys.prepare; the method sets (mlsys.augment) copy /masks and
 /channels of its training split. Files are written beside their destination and renamed on
 success (mlsys.files), so a killed stage never leaves a file that looks complete.
@@ -149,6 +152,24 @@ def _check_layout(f: h5py.File, path) -> None:
 def read_attrs(path: str | os.PathLike) -> dict:
     with _open(path) as f:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+def describe_split(attrs: dict) -> str:
+    """Which data and which protocol made a dataset's split, in words, from its attrs
+    (:func:`read_attrs` of the clean file): "PanNuke official split 1 (train fold 1, valid
+    fold 2, test fold 3)", "PanNuke fold 2, pooled 6:1:2 at random (seed 42)" or
+    "synthetic(seed=0), pooled 6:1:2 at random (seed 42)"."""
+    source = str(attrs.get("source", "unknown source"))
+    if attrs.get("protocol") == "official":
+        folds = json.loads(attrs["split_folds"])
+        return (f"PanNuke official split {attrs['official_split']} (train fold {folds['train']}, "
+                f"valid fold {folds['valid']}, test fold {folds['test']})")
+    ratio = ":".join(map(str, json.loads(attrs["split_ratio"]))) if "split_ratio" in attrs else "?"
+    pooled = f"pooled {ratio} at random (seed {attrs.get('split_seed', '?')})"
+    if source.startswith("pannuke:"):
+        fold = attrs.get("fold", source.rsplit(":fold", 1)[-1])  # files from before the attr: the source names it
+        return f"PanNuke fold {fold}, {pooled}"
+    return f"{source}, {pooled}"
 
 
 def split_of(path: str | os.PathLike, split: str) -> np.ndarray:

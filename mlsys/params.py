@@ -54,6 +54,13 @@ def method_tag(model: str) -> str:
     return "+".join(s for s in MODELS[model] if s != "clean") or "clean"
 
 
+# PanNuke's evaluation protocols (docs/data.md). "official": train on one fold, validate on a
+# second, test on the third. The three named splits are CellViT's (TIO-IKIM/CellViT,
+# logs_paper/PanNuke/*/Fold-{1,2,3}/config.yaml: train/val/test folds [0]/[1]/[2], [1]/[0]/[2],
+# [2]/[1]/[0] of its 0-based renaming of PanNuke's folds 1..3): split -> (train, valid, test) fold.
+PROTOCOLS = ("pooled", "official")
+OFFICIAL_SPLITS: dict[int, tuple[int, int, int]] = {1: (1, 2, 3), 2: (2, 1, 3), 3: (3, 2, 1)}
+
 AUTO = "auto"  # a fast-path switch chosen from what the device computes well (mlsys.hardware)
 Switch = typing.Union[bool, typing.Literal["auto"]]  # true, false or "auto"
 
@@ -70,14 +77,17 @@ class ParamsError(InputError, ValueError):
 @dataclass
 class DataParams:
     source: str = "synthetic"      # "synthetic" (built-in generator) or "pannuke" (your own copy)
-    pannuke_path: str = ""         # PanNuke fold: the downloaded zip or its unpacked "Fold N" folder
-    fold: int = 2                  # PanNuke fold number inside pannuke_path (the paper uses 2)
+    protocol: str = "pooled"       # "pooled": one fold split at random (the paper); "official": PanNuke's three folds
+    pannuke_path: str = ""         # pooled: PanNuke fold, the downloaded zip or its unpacked "Fold N" folder
+    fold: int = 2                  # pooled: PanNuke fold number inside pannuke_path (the paper uses 2)
+    pannuke_folds: list[str] = field(default_factory=list)  # official: folds 1, 2, 3 (zips or folders), or one folder of all three
+    official_split: int = 1        # official: 1 = train fold 1/valid 2/test 3, 2 = 2/1/3, 3 = 3/2/1 (CellViT's Fold-1..3)
     n_images: int = 300            # synthetic: number of patches generated
     image_size: int = 32           # synthetic: patch side in pixels (PanNuke: 256)
     synthetic_seed: int = 0        # synthetic: generator seed (same seed -> same patches)
     normalise: str = "minmax"      # "minmax": each image to [0, 1] (original code); "255": divide by 255
-    split: list[int] = field(default_factory=lambda: [6, 1, 2])  # train:valid:test ratio
-    split_seed: int = 42           # shuffle seed of the split (original code: 42)
+    split: list[int] = field(default_factory=lambda: [6, 1, 2])  # pooled: train:valid:test ratio
+    split_seed: int = 42           # pooled: shuffle seed of the split (original code: 42)
 
 
 @dataclass
@@ -231,6 +241,14 @@ class Params:
                "seeds", self.seeds, "a list of distinct non-negative integers, e.g. [0, 1, 2]")
         _check(d.source in ("synthetic", "pannuke"), "data.source", d.source, '"synthetic" or "pannuke"')
         _check(d.normalise in ("minmax", "255"), "data.normalise", d.normalise, '"minmax" or "255"')
+        _check(d.protocol in PROTOCOLS, "data.protocol", d.protocol, '"pooled" or "official"')
+        _check(d.protocol == "pooled" or d.source == "pannuke", "data.protocol", d.protocol,
+               '"pooled" with data.source synthetic (the official protocol splits PanNuke\'s three folds)')
+        _check(d.official_split in OFFICIAL_SPLITS, "data.official_split", d.official_split,
+               "1, 2 or 3 (" + "; ".join(f"{k}: train fold {a}, valid {b}, test {c}"
+                                          for k, (a, b, c) in OFFICIAL_SPLITS.items()) + ")")
+        _check(len(d.pannuke_folds) in (0, 1, 3), "data.pannuke_folds", d.pannuke_folds,
+               "PanNuke's three folds [fold 1, fold 2, fold 3] (zips or folders), or one folder holding all three")
         _check(len(d.split) == 3 and all(r >= 0 for r in d.split) and d.split[0] > 0
                and d.split[1] > 0 and d.split[2] > 0, "data.split", d.split,
                "three positive ratios train:valid:test")

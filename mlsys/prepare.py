@@ -1,5 +1,8 @@
 """The prepare stage: ``data/clean.h5`` from the built-in synthetic default or your PanNuke
-fold, in the HDF5 format of :mod:`mlsys.data`.
+copy, in the HDF5 format of :mod:`mlsys.data`. Two protocols (``data.protocol``, docs/data.md):
+"pooled", one fold split at random (the authors' code: fold 2, seed 42, 6:1:2), and
+"official", PanNuke's three folds with train, valid and test each a whole fold, as the field
+evaluates (the named splits of ``OFFICIAL_SPLITS`` in mlsys.params follow CellViT's configs).
 
 Raw PanNuke (and the synthetic generator, which mimics it exactly) comes as
   images (N, H, W, 3) float64 whole values 0..255, types (N,) tissue names,
@@ -33,8 +36,8 @@ import numpy as np
 import torch
 
 from . import entry
-from .data import N_CLASSES, RAW_CHANNEL, SPLITS, DataError, create_dataset, head, read_attrs
-from .params import CLASS_NAMES, DataParams
+from .data import N_CLASSES, RAW_CHANNEL, SPLITS, DataError, create_dataset, describe_split, head, read_attrs
+from .params import CLASS_NAMES, OFFICIAL_SPLITS, DataParams
 from .progress import bar as progress_bar
 
 
@@ -184,22 +187,35 @@ def check_raw_chunk(images: np.ndarray, masks: np.ndarray, where: str) -> None:
         raise DataError(f"{where}: masks must hold non-negative whole instance ids")
 
 
+def checked_chunks(chunks: Iterator[tuple[np.ndarray, np.ndarray]], where: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The (images, masks) chunks of one source, each checked (:func:`check_raw_chunk`) before
+    it is passed on; errors name ``where`` and the source's own image numbers."""
+    start = 0
+    for images, masks in chunks:
+        check_raw_chunk(images, masks, f"{where} images {start}..{start + len(images) - 1}")
+        start += len(images)
+        yield images, masks
+
+
 def import_raw(chunks: Iterator[tuple[np.ndarray, np.ndarray]], types: np.ndarray,
                out: str | os.PathLike, cfg: DataParams, source: str, image_size: int, where: str,
-               progress: bool = True) -> dict[str, int]:
-    """Convert raw PanNuke-layout (images, masks) chunks to the HDF5 dataset at ``out``,
-    one chunk in memory at a time."""
+               progress: bool = True, splits: dict[str, np.ndarray] | None = None,
+               provenance: dict | None = None) -> dict[str, int]:
+    """Convert raw PanNuke-layout (images, masks) chunks, already checked
+    (:func:`checked_chunks`), to the HDF5 dataset at ``out``, one chunk in memory at a time.
+    ``splits`` None: the pooled protocol, a random ``cfg.split`` of all images (seed
+    ``cfg.split_seed``); else the given split (the official protocol) and ``provenance``
+    the attrs that record it."""
     n = len(types)
-    attrs = {"source": source, "normalise": cfg.normalise, "split_seed": cfg.split_seed,
-             "split_ratio": cfg.split, "n_images": n, "kind": "clean"}
+    attrs = {"source": source, "normalise": cfg.normalise, "n_images": n, "kind": "clean"}
+    attrs.update(provenance if splits is not None else
+                 {"protocol": "pooled", "split_seed": cfg.split_seed, "split_ratio": cfg.split, **(provenance or {})})
     counts = np.zeros(N_CLASSES, np.int64)
-    # the split is cut after every value is checked, so a damaged file is reported as such
     with create_dataset(out, n, image_size, attrs, None) as w, \
             progress_bar(n, "prepare", "img", progress) as bar:
         w.write(0, tissue=np.asarray(types).astype(str).astype(object))
         start = 0
         for images, masks in chunks:
-            check_raw_chunk(images, masks, f"{where} images {start}..{start + len(images) - 1}")
             sem = semantic_masks(masks)
             counts += np.bincount(sem.ravel(), minlength=N_CLASSES)
             w.write(start, images=normalise_images(images, cfg.normalise), masks=sem,
@@ -208,26 +224,24 @@ def import_raw(chunks: Iterator[tuple[np.ndarray, np.ndarray]], types: np.ndarra
             bar.update(len(images))
         if start != n:
             raise DataError(f"{where}: {start} images and masks but {n} tissue types")
-        splits = split_indices(n, cfg.split, cfg.split_seed)
+        # the pooled split is cut after every value is checked, so a damaged file is reported as such
+        if splits is None:
+            splits = split_indices(n, cfg.split, cfg.split_seed)
         w.write_splits(splits)
         w.f.attrs["class_pixel_counts"] = json.dumps(counts.tolist())
     return {name: len(idx) for name, idx in splits.items()}
 
 
-def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> dict[str, int]:
-    """Build the clean dataset (synthetic default or a PanNuke fold) at ``out``."""
-    if cfg.source == "synthetic":
-        from .synthetic import generate_chunks, tissue_types
-
-        # streamed: one chunk of 64 patches in memory, whatever n_images
-        chunks = generate_chunks(cfg.n_images, cfg.image_size, cfg.synthetic_seed, 64, progress=False)
-        return import_raw(((images, masks) for images, masks, _ in chunks),
-                          tissue_types(cfg.n_images, cfg.synthetic_seed),
-                          out, cfg, f"synthetic(seed={cfg.synthetic_seed})", cfg.image_size,
-                          "synthetic", progress)
-    if not cfg.pannuke_path:
-        raise DataError("params: data.pannuke_path is empty; set it to your PanNuke fold zip or folder")
-    src = PanNukeSource(cfg.pannuke_path, cfg.fold)
+def open_fold(path: str | os.PathLike, fold: int, named: bool = False) -> tuple[PanNukeSource, int, int]:
+    """One PanNuke fold, its arrays' headers checked: (source, number of images, image side).
+    ``named``: the fold's files must name it (``fold<N>`` in their path, as PanNuke's own
+    ``Fold N/images/foldN/images.npy`` do), so that one fold cannot stand in for another."""
+    src = PanNukeSource(path, fold)
+    if named:
+        for key, member in src.members.items():
+            if f"fold{fold}" not in f"{src.path}/{member}".replace(" ", "").lower():
+                raise DataError(f"{src.path}: {member} is not fold {fold}'s {key}.npy (expected a path like "
+                                f"'Fold {fold}/{'masks' if key == 'masks' else 'images'}/fold{fold}/{key}.npy')")
     shapes, dtypes = src.shapes(), src.dtypes()
     for key, kinds, expected in (("images", "uif", "numbers (PanNuke: float64 0..255)"),
                                  ("masks", "uif", "numbers (PanNuke: float64 instance ids)"),
@@ -244,17 +258,87 @@ def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> d
                         f"{shapes['images'][:3] + (6,)} to match images.npy")
     if shapes["types"] != (n,):
         raise DataError(f"{src.path}: types.npy has shape {shapes['types']}; expected ({n},)")
-    size = shapes["images"][1]
+    return src, n, shapes["images"][1]
+
+
+@contextlib.contextmanager
+def _zip_errors(src: PanNukeSource):
     try:
-        name = {key: f"{src.path}:{member}" for key, member in src.members.items()}
-        with src.open("types") as f:
-            types = next(_npy_chunks(f, name["types"], max(n, 1)))
-        with src.open("images") as fi, src.open("masks") as fm:
-            return import_raw(zip(_npy_chunks(fi, name["images"], 32), _npy_chunks(fm, name["masks"], 32)),
-                              types, out, cfg, f"pannuke:{src.path.name}:fold{cfg.fold}", size,
-                              str(src.path), progress)
+        yield
     except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a damaged download
         raise DataError(f"{src.path}: corrupt zip file ({err})") from None
+
+
+def fold_types(src: PanNukeSource, n: int) -> np.ndarray:
+    """The (n,) tissue names of a fold."""
+    with _zip_errors(src), src.open("types") as f:
+        return next(_npy_chunks(f, f"{src.path}:{src.members['types']}", max(n, 1)))
+
+
+def fold_chunks(src: PanNukeSource) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A fold's (images, masks) in checked chunks of 32 (never the whole fold in memory)."""
+    name = {key: f"{src.path}:{member}" for key, member in src.members.items()}
+    with _zip_errors(src), src.open("images") as fi, src.open("masks") as fm:
+        yield from checked_chunks(zip(_npy_chunks(fi, name["images"], 32), _npy_chunks(fm, name["masks"], 32)),
+                                  str(src.path))
+
+
+def official_splits(sizes: list[int], split: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """PanNuke's official protocol on folds 1, 2, 3 of ``sizes`` images, stored one after
+    the other: the indices of each split (all of one fold, in order) and which fold each
+    split is (``OFFICIAL_SPLITS[split]``, CellViT's Fold-1..3, mlsys.params)."""
+    starts = np.cumsum([0, *sizes])
+    folds = dict(zip(SPLITS, OFFICIAL_SPLITS[split]))
+    return {name: np.arange(starts[f - 1], starts[f], dtype=np.int64) for name, f in folds.items()}, folds
+
+
+def prepare_official(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> dict[str, int]:
+    """PanNuke's official protocol: the three folds (``cfg.pannuke_folds``: three paths, or one
+    folder holding all three) in one file, fold 1's images first, then fold 2's and fold 3's;
+    train, valid and test are whole folds as ``cfg.official_split`` names them. Every fold's
+    headers are checked before anything is written."""
+    if not cfg.pannuke_folds:
+        raise DataError("params: data.pannuke_folds is empty; set it to PanNuke's three folds "
+                        "[fold_1.zip, fold_2.zip, fold_3.zip] (zips or unpacked folders) or one folder holding all three")
+    if len(cfg.pannuke_folds) not in (1, 3):
+        raise DataError(f"params: data.pannuke_folds has {len(cfg.pannuke_folds)} paths; the official protocol "
+                        "needs PanNuke's three folds (or one folder holding all three)")
+    paths = cfg.pannuke_folds * 3 if len(cfg.pannuke_folds) == 1 else list(cfg.pannuke_folds)
+    folds = [open_fold(path, k, named=True) for k, path in zip((1, 2, 3), paths)]
+    sizes = {k: size for k, (_, _, size) in zip((1, 2, 3), folds)}
+    if len(set(sizes.values())) > 1:
+        raise DataError("PanNuke folds have different image sizes: " +
+                        ", ".join(f"fold {k} {s}x{s} ({folds[k - 1][0].path})" for k, s in sizes.items()))
+    counts = [n for _, n, _ in folds]
+    splits, split_folds = official_splits(counts, cfg.official_split)
+    types = np.concatenate([fold_types(src, n) for src, n, _ in folds])
+    provenance = {"protocol": "official", "official_split": cfg.official_split, "split_folds": split_folds,
+                  "fold_paths": [f"{src.path.name}:{src.members['images']}" for src, _, _ in folds], "fold_sizes": counts}
+    chunks = (chunk for src, _, _ in folds for chunk in fold_chunks(src))
+    return import_raw(chunks, types, out, cfg, f"pannuke:official split {cfg.official_split}", sizes[1],
+                      ", ".join(str(src.path) for src, _, _ in folds), progress, splits, provenance)
+
+
+def prepare(cfg: DataParams, out: str | os.PathLike, progress: bool = True) -> dict[str, int]:
+    """Build the clean dataset at ``out``: synthetic (default) or PanNuke, one fold split at
+    random (``data.protocol: pooled``, the paper) or the three folds (``official``,
+    :func:`prepare_official`)."""
+    if cfg.source == "synthetic":
+        from .synthetic import generate_chunks, tissue_types
+
+        # streamed: one chunk of 64 patches in memory, whatever n_images
+        chunks = generate_chunks(cfg.n_images, cfg.image_size, cfg.synthetic_seed, 64, progress=False)
+        return import_raw(checked_chunks(((images, masks) for images, masks, _ in chunks), "synthetic"),
+                          tissue_types(cfg.n_images, cfg.synthetic_seed),
+                          out, cfg, f"synthetic(seed={cfg.synthetic_seed})", cfg.image_size,
+                          "synthetic", progress)
+    if cfg.protocol == "official":
+        return prepare_official(cfg, out, progress)
+    if not cfg.pannuke_path:
+        raise DataError("params: data.pannuke_path is empty; set it to your PanNuke fold zip or folder")
+    src, n, size = open_fold(cfg.pannuke_path, cfg.fold)
+    return import_raw(fold_chunks(src), fold_types(src, n), out, cfg, f"pannuke:{src.path.name}:fold{cfg.fold}",
+                      size, str(src.path), progress, provenance={"fold": cfg.fold})
 
 
 def main(p) -> None:
@@ -279,8 +363,9 @@ def main(p) -> None:
         onehot = torch.nn.functional.one_hot(masks, N_CLASSES).permute(0, 3, 1, 2).float()
         mlflow.log_figure(figures.perturbation_panel(images, images, masks, onehot, "training samples (image, mask)"),
                           "figures/samples.png")
-        print(f"prepare: {out} ({sizes['train']}/{sizes['valid']}/{sizes['test']} train/valid/test, "
-              f"source {attrs['source']})")
+        mlflow.set_tag("mlsys.data", describe_split(attrs))
+        print(f"prepare: {out} ({sizes['train']}/{sizes['valid']}/{sizes['test']} train/valid/test; "
+              f"{describe_split(attrs)})")
 
 
 def cli(argv: list[str] | None = None) -> int:

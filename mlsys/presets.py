@@ -32,6 +32,11 @@ PAPER: dict[str, object] = {
 }
 
 
+# The settings of PAPER that only the pooled protocol reads (one fold, split at random):
+# `mlsys paper --official` leaves them out rather than set what nothing reads.
+POOLED_ONLY = ("data.fold", "data.split", "data.split_seed")
+
+
 def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
     """params.yaml's mapping with dotted keys set (as `dvc exp run -S key=value` does)."""
     import copy

@@ -348,10 +348,14 @@ def baselines_note(adv: AdversarialParams) -> str:
             + f" (inner step {adv.step_size:g}/255; TRADES' start N(0, {adv.trades_start:g}^2)).")
 
 
-def table_titles(attack: str, n_seeds: int) -> tuple[str, str]:
-    """Titles of Table 1 and Table 2; ``attack`` as :func:`attack_name` names it."""
+def table_titles(attack: str, n_seeds: int, split: str | None = None) -> tuple[str, str]:
+    """Titles of Table 1 and Table 2; ``attack`` as :func:`attack_name` names it, ``split``
+    the data and protocol of the test split as mlsys.data.describe_split words it."""
     over = f"mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}"
-    return f"Table 1: clean test split ({over})", f"Table 2: under attack ({attack}; {over})"
+    if not split:
+        return f"Table 1: clean test split ({over})", f"Table 2: under attack ({attack}; {over})"
+    return (f"Table 1: clean test split of {split} ({over})",
+            f"Table 2: under attack ({attack}; test split of {split}; {over})")
 
 
 def markdown_report(tables: list[tuple[str, dict]], figures: list[tuple[str, str]],
@@ -469,7 +473,9 @@ def main(p) -> None:
     attack = attack_name(next(iter(per_seed[seeds[0]].values()))["attack_settings"])
     tabs = build_tables(per_seed)
     means = mean_evals(per_seed)
-    titles = table_titles(attack, len(seeds))
+    # which data and protocol produced every number: said in the header and the table titles
+    split = data.describe_split(data.read_attrs(paths.CLEAN))
+    titles = table_titles(attack, len(seeds), split)
     labels = model_labels(p.adversarial)
     models = models_of(per_seed)
     shown = [(titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
@@ -483,8 +489,8 @@ def main(p) -> None:
                                          labels)) for title, ms in zip(rtitles, ROBUST_SHOWN)],
                       (rtitles[2], rob["tissue"])]
     machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
-    notes = [f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. Reproducibility: CPU "
-             "results are bit-identical only on the same CPU model with the same thread count.",
+    notes = [f"Data: {split}.", f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. "
+             "Reproducibility: CPU results are bit-identical only on the same CPU model with the same thread count.",
              baselines_note(p.adversarial)]
     # reports/ is a DVC out dir written file by file: build it beside and rename it when complete
     with tracking.stage_run(paths.stage_name("report"), {"seeds": ",".join(map(str, seeds))}, p.tracking.experiment,
@@ -552,7 +558,7 @@ def main(p) -> None:
                                              f"{method} training images (seed {first}; prediction: model 1)")
             figures.save(fig, out / f"figures/{method}_perturbation.png")
             figs.append((f"{method} perturbations", f"figures/{method}_perturbation.png"))
-        result = {**summary(per_seed, tabs), "machine": machines,
+        result = {**summary(per_seed, tabs), "data": split, "machine": machines,
                   "mlflow": {"pipeline_run_id": run.data.tags.get("mlflow.parentRunId", ""),
                              "report_run_id": run.info.run_id}}
         mlflow.log_metrics({f"{key}/{m}/{metric}_{stat}": v for key in ("clean", "attack")

@@ -1,6 +1,7 @@
 """Data: PanNuke import (zip and folder), semantic rule, split, normalisation, HDF5."""
 from __future__ import annotations
 
+import json
 import zipfile
 
 import h5py
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from mlsys import data, prepare
-from mlsys.params import DataParams
+from mlsys.params import OFFICIAL_SPLITS, DataParams
 
 
 def fake_fold(n: int = 9, size: int = 8, seed: int = 0):
@@ -214,3 +215,125 @@ def test_corrupt_and_incomplete_h5(tmp_path):
         f["images"] = np.zeros((2, 3, 8, 8), np.float32)
     with pytest.raises(data.DataError, match="has no 'masks'"):
         data.load_split(part, "train")
+
+
+# --------------------------------------------------------------------------- PanNuke's two protocols
+FOLD_SIZES = {1: 4, 2: 5, 3: 6}  # images per fixture fold, all different, so a wrong fold shows
+
+
+def zip_fold(base, path):
+    """Pack an unpacked ``Fold N`` folder as PanNuke ships it: ``Fold N/...`` inside the zip."""
+    with zipfile.ZipFile(path, "w") as z:
+        for f in base.rglob("*.npy"):
+            z.write(f, f.relative_to(base.parent))
+    return path
+
+
+def three_folds(root, size: int = 8, sizes: dict[int, int] = FOLD_SIZES):
+    """PanNuke's three folds, packed three ways: fold 1 a zip, fold 2 its unpacked ``Fold 2``
+    folder, fold 3 a folder above its ``Fold 3``. Returns ({fold: path}, {fold: raw arrays})."""
+    raw = {k: fake_fold(n, size, seed=k) for k, n in sizes.items()}
+    bases = {k: write_fold(root / f"src{k}", k, *raw[k]) for k in raw}
+    return {1: zip_fold(bases[1], root / "fold_1.zip"), 2: bases[2], 3: root / "src3"}, raw
+
+
+def official(paths, split: int, **kw) -> DataParams:
+    return DataParams(source="pannuke", protocol="official", pannuke_folds=[str(p) for p in paths],
+                      official_split=split, normalise="255", **kw)
+
+
+@pytest.mark.parametrize("split", sorted(OFFICIAL_SPLITS))
+def test_official_split_is_whole_folds(tmp_path, split):
+    """Train, valid and test hold exactly the images of the folds the split names (CellViT's
+    Fold-1..3: 1/2/3, 2/1/3, 3/2/1), in the fold's order; the provenance says so."""
+    paths, raw = three_folds(tmp_path)
+    out = tmp_path / "clean.h5"
+    sizes = prepare.prepare(official(paths.values(), split), out, progress=False)
+    folds = dict(zip(data.SPLITS, OFFICIAL_SPLITS[split]))
+    assert folds == {1: {"train": 1, "valid": 2, "test": 3}, 2: {"train": 2, "valid": 1, "test": 3},
+                     3: {"train": 3, "valid": 2, "test": 1}}[split]
+    assert sizes == {name: FOLD_SIZES[f] for name, f in folds.items()}
+    with h5py.File(out) as f:
+        assert f["images"].shape == (15, 3, 8, 8)                 # the three folds, one after the other
+        for name, k in folds.items():
+            idx = f[f"split/{name}"][:]
+            images, masks, types = raw[k]
+            np.testing.assert_array_equal(f["images"][idx], prepare.normalise_images(images, "255"))
+            np.testing.assert_array_equal(f["masks"][idx], prepare.semantic_masks(masks))
+            np.testing.assert_array_equal(f["channels"][idx], prepare.channel_bits(masks))
+            assert f["tissue"].asstr()[idx].tolist() == types.tolist()
+    attrs = data.read_attrs(out)
+    assert attrs["protocol"] == "official" and attrs["official_split"] == split
+    assert json.loads(attrs["split_folds"]) == folds and json.loads(attrs["fold_sizes"]) == [4, 5, 6]
+    assert json.loads(attrs["fold_paths"]) == ["fold_1.zip:Fold 1/images/fold1/images.npy",
+                                               "Fold 2:images/fold2/images.npy", "src3:Fold 3/images/fold3/images.npy"]
+    assert "split_seed" not in attrs and "split_ratio" not in attrs   # no random split was cut
+    a, b, c = OFFICIAL_SPLITS[split]
+    assert data.describe_split(attrs) == f"PanNuke official split {split} (train fold {a}, valid fold {b}, test fold {c})"
+
+
+def test_official_from_one_folder_holding_all_three(tmp_path):
+    raw = {k: fake_fold(n, 8, seed=k) for k, n in FOLD_SIZES.items()}
+    for k in raw:
+        write_fold(tmp_path / "pannuke", k, *raw[k])
+    out = tmp_path / "clean.h5"
+    assert prepare.prepare(official([tmp_path / "pannuke"], 3), out, progress=False) == \
+        {"train": 6, "valid": 5, "test": 4}
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["images"][f["split/test"][:]], prepare.normalise_images(raw[1][0], "255"))
+
+
+def test_pooled_split_is_unchanged(tmp_path):
+    """The pooled protocol (the default, the paper's) cuts the split it always did: these
+    indices are what the code before the official protocol wrote for this fold."""
+    images, masks, types = fake_fold()
+    base = write_fold(tmp_path / "src", 2, images, masks, types)
+    out = tmp_path / "clean.h5"
+    prepare.prepare(DataParams(source="pannuke", pannuke_path=str(base), fold=2), out, progress=False)
+    assert {s: data.split_of(out, s).tolist() for s in data.SPLITS} == \
+        {"train": [0, 1, 2, 5, 7, 8], "valid": [4], "test": [3, 6]}
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["images"][:], prepare.normalise_images(images, "minmax"))
+    attrs = data.read_attrs(out)
+    assert (attrs["protocol"], attrs["fold"], attrs["split_seed"], attrs["split_ratio"]) == ("pooled", 2, 42, "[6, 1, 2]")
+    assert data.describe_split(attrs) == "PanNuke fold 2, pooled 6:1:2 at random (seed 42)"
+    old = {k: v for k, v in attrs.items() if k not in ("protocol", "fold")}   # a file from before the protocols
+    assert data.describe_split(old) == "PanNuke fold 2, pooled 6:1:2 at random (seed 42)"
+    synth = tmp_path / "synth.h5"
+    prepare.prepare(DataParams(n_images=9, image_size=8), synth, progress=False)
+    assert data.describe_split(data.read_attrs(synth)) == "synthetic(seed=0), pooled 6:1:2 at random (seed 42)"
+
+
+def test_official_bad_input_is_one_line_and_leaves_nothing(tmp_path):
+    from mlsys.params import Params, ParamsError, _build
+
+    paths, _ = three_folds(tmp_path)
+    p1, p2, p3 = paths[1], paths[2], paths[3]
+    small = tmp_path / "small"
+    write_fold(small, 3, *fake_fold(6, 16, seed=3))
+    only_two = tmp_path / "two"
+    for k in (1, 2):
+        write_fold(only_two, k, *fake_fold(FOLD_SIZES[k], 8, seed=k))
+    out = tmp_path / "o.h5"
+    cases = [(official([p1, tmp_path / "nowhere.zip", p3], 1), "nowhere.zip does not exist"),
+             (official([], 1), "data.pannuke_folds is empty"),
+             (official([p1, p2], 1), "has 2 paths; the official protocol needs PanNuke's three folds"),
+             (official([only_two], 1), "expected one images.npy of fold 3"),
+             (official([p2, p2, p3], 1), "is not fold 1's images.npy"),       # one fold cannot stand in for another
+             (official([p1, p2, small], 2), r"different image sizes: fold 1 8x8 \(.*\), fold 2 8x8 \(.*\), fold 3 16x16")]
+    for cfg, message in cases:
+        with pytest.raises(data.DataError, match=message) as err:
+            prepare.prepare(cfg, out, progress=False)
+        assert "\n" not in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob(".o.h5*"))
+    for raw, message in [({"protocol": "official", "source": "pannuke", "official_split": 4},
+                          "data.official_split = 4 is invalid; expected 1, 2 or 3 (1: train fold 1, valid 2, test 3; "
+                          "2: train fold 2, valid 1, test 3; 3: train fold 3, valid 2, test 1)"),
+                         ({"protocol": "official"}, "data.protocol = 'official' is invalid; expected \"pooled\" with "
+                                                    "data.source synthetic"),
+                         ({"protocol": "random"}, "data.protocol = 'random' is invalid"),
+                         ({"source": "pannuke", "protocol": "official", "pannuke_folds": ["a", "b"]},
+                          "data.pannuke_folds = ['a', 'b'] is invalid; expected PanNuke's three folds")]:
+        with pytest.raises(ParamsError) as err:
+            _build(Params, {"data": raw}, "").validate()
+        assert str(err.value).startswith(f"params: {message}") and "\n" not in str(err.value)

@@ -78,6 +78,7 @@ def test_outputs_report_and_second_repro_runs_nothing(pipeline):
     page = (repo / "reports/report.md").read_text()
     assert "mean ± std over 2 seeds" in page and "Machine:" in page and "torch " in page
     assert "PGD-AT (1 step, 4/255, half clean)" in page and "TRADES (beta 6, 1 step, 4/255)" in page
+    assert "Data: synthetic(seed=" in page and "Table 1: clean test split of synthetic(seed=" in page  # the protocol
     ev = json.loads((repo / "metrics/eval/seed1/model2.json").read_text())["robust"]
     assert ev["radii"] == [2.0, 8.0] and set(ev["worst"]) == {"2", "8"} and set(ev["per_attack"]) == {"segpgd", "cospgd", "sea"}
     assert ev["curves"]["worst"]["8"]["steps"] == [0, 1, 2] and ev["tissue"]

@@ -54,6 +54,9 @@ COMMANDS = {
     ".venv/bin/python -m mlsys paper /path/to/fold_2.zip":
         NOT_RUN + "PanNuke data are not present, and it is a GPU job; its --dry-run is "
                   "tests/test_cli.py::test_paper_command_sets_every_authors_choice_and_validates",
+    ".venv/bin/python -m mlsys paper --official /path/to/fold_1.zip /path/to/fold_2.zip /path/to/fold_3.zip --split 2":
+        NOT_RUN + "PanNuke data are not present, and it is a GPU job; its --dry-run is "
+                  "tests/test_cli.py::test_paper_command_runs_the_official_protocol",
     # docs/native-ops.md
     '.venv/bin/python -c "import mlsys.ops; print(mlsys.ops.backend())"':
         "tests/test_ops.py::test_reference_can_be_forced (the same line, in a subprocess)",

@@ -42,6 +42,15 @@ def test_html_report_embeds_tables_and_figures(tmp_path):
     assert "<b>Champion: model2</b>" in page and "<td>n/a</td>" in page
 
 
+def test_table_titles_say_which_data_and_protocol():
+    t1, t2 = report.table_titles("faithful attack", 3, "PanNuke official split 2 (train fold 2, valid fold 1, test fold 3)")
+    assert t1 == ("Table 1: clean test split of PanNuke official split 2 (train fold 2, valid fold 1, test fold 3) "
+                  "(mean ± std over 3 seeds)")
+    assert "test split of PanNuke official split 2 (" in t2 and t2.startswith("Table 2: under attack (faithful attack;")
+    assert report.table_titles("a", 1) == ("Table 1: clean test split (mean ± std over 1 seed)",
+                                           "Table 2: under attack (a; mean ± std over 1 seed)")
+
+
 def seeds_of(values: dict[str, list[float]]) -> dict[int, dict[str, dict]]:
     """Evaluation JSONs of three seeds whose attack Dice per model are ``values[model]``."""
     return {s: {m: {"clean": {"dice": 0.5, "accuracy": 0.9},
