@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from micro import MODELS, PIPELINE_SEEDS, clone, run, runs_of
+from micro import PIPELINE_SEEDS, clone, run, runs_of
+from mlsys.params import EXPERIMENT
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the micro pipeline (`pytest -m 'not slow'` skips them)
 
@@ -21,7 +22,7 @@ def test_queued_experiments_land_in_the_project_store(pipeline, tmp_path):
         run(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.attack.eps={eps}")
     out = run(repo, "dvc", "exp", "run", "--run-all").stdout
     ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
-    evaluate = [f"evaluate-{m}@{s}" for m in MODELS for s in PIPELINE_SEEDS]
+    evaluate = [f"evaluate-{m}@{s}" for m in EXPERIMENT for s in PIPELINE_SEEDS]
     assert sorted(ran) == sorted(2 * (evaluate + ["report"])), "only what depends on evaluate.* runs"
 
     client, runs = runs_of(repo)

@@ -85,10 +85,16 @@ def test_outputs_report_and_second_repro_runs_nothing(pipeline):
     curve = (repo / "plots/eval/seed1/model2/robust_curve.csv").read_text().splitlines()
     assert curve[0] == "attack,radius,step,dice,accuracy" and len(curve) == 1 + 4 * 2 * 3   # 3 attacks + worst
     robust = (repo / "reports/robust.csv").read_text().splitlines()
-    assert robust[0] == "model,eps 2/255 dice,eps 2/255 accuracy,eps 8/255 dice,eps 8/255 accuracy"
+    assert robust[0] == "model," + ",".join(f"eps {r}/255 {m}" for r in (2, 8)
+                                            for m in ("dice", "accuracy", "miou", "nmiou", "miou_image"))
     assert len(robust) == 1 + len(EXPERIMENT)
     assert (repo / "reports/tissue.csv").read_text().startswith("tissue,model1 clean dice,model1 eps 8/255 dice,")
-    assert "Robustness: worst case per image of segpgd, cospgd, sea" in page and "figures/robust_steps.png" in page
+    assert ("Robustness: worst case per image of SegPGD, 2 steps, CosPGD, 2 steps, "
+            "SEA-style, 2 steps (reduced from 300)") in page and "figures/robust_steps.png" in page  # honest names
+    report_md = (repo / "reports/report.md").read_text()
+    assert "## Findings" in report_md and report_md.index("## Findings") < report_md.index("Table 1")
+    assert json.loads((repo / "metrics/report.json").read_text())["findings"]
+    assert (repo / "reports/robust_paired.csv").exists()
     for name in ("robust_radius.png", "robust_steps.png"):
         assert (repo / "reports/figures" / name).stat().st_size > 1000, name
     _, before = runs_of(repo)
