@@ -11,7 +11,10 @@ Dice. Every cell is
 the mean +- the standard deviation over the seeds (sample std, n - 1), with the per-seed
 rows beside; "paired" gives, for every other model, the per-seed difference from model 1
 of the same seed, and from PGD-AT (the field's baseline), its mean and a 95% t-interval
-(mean +- t(0.975, n-1) * sd / sqrt(n)): an effect is shown only where the interval excludes 0.
+(mean +- t(0.975, n-1) * sd / sqrt(n)): an effect is shown only where the interval excludes 0;
+the same for the field's worst case at each radius. The findings (finding_sections) say these
+in sentences, the paper's question first, on top of report.md and report.html and as
+metrics/report.json's "findings".
 The report shows the models its evaluations hold (``mlsys compare`` on runs of an older
 pipeline: the four only).
 The champion (registered in MLflow by the report stage) is chosen by CHAMPION_CRITERION.
@@ -610,8 +613,8 @@ def _num(v: float) -> float | None:
 
 
 def main(p) -> None:
-    """DVC stage ``report``: ``reports/`` (Tables 1-2 with mean +- std over ``seeds``, per-seed
-    rows, paired differences, figures, report.md/html), ``metrics/report.json``,
+    """DVC stage ``report``: ``reports/`` (the findings, Tables 1-2 with mean +- std over ``seeds``,
+    per-seed rows, paired differences, figures, report.md/html), ``metrics/report.json``,
     ``plots/report/*.csv``, one MLflow run (also on the pipeline run) and the champion in
     the MLflow model registry."""
     import csv
@@ -682,7 +685,9 @@ def main(p) -> None:
         figs.append(("Per-class Dice", "figures/per_class_dice.png"))
         files.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
         if rob is not None:
-            for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"])):
+            robust_paired_cols = {k: [r[k] for r in rob["paired"]] for k in paired_cols}
+            for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"]),
+                            ("robust_paired", robust_paired_cols)):
                 (out / f"{name}.csv").write_text(to_csv(t))
                 mlflow.log_table(t, f"tables/{name}.json")
             for (title, t), name in zip(shown[3:6], ("robust", "robust_miou", "tissue")):
@@ -730,14 +735,18 @@ def main(p) -> None:
                                        result["champion"]["version"], tracking.CHAMPION_ALIAS, first, labels))
             print(notes[-1])
         files.write_json(paths.REPORT_METRICS, result)
-        (out / "report.md").write_text(markdown_report(shown, figs, tuple(notes)))
-        (out / "report.html").write_text(html_report(shown, figs, out, tuple(notes)))
+        sections = finding_sections(tabs)
+        (out / "report.md").write_text(markdown_report(shown, figs, tuple(notes), sections))
+        (out / "report.html").write_text(html_report(shown, figs, out, tuple(notes), sections))
         mlflow.log_artifacts(str(out), "report")
+        mlflow.log_text(findings_markdown(sections), "findings.md")
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent:  # the pipeline run carries the report too, where users look first
             mlflow.MlflowClient().log_artifacts(parent, str(out), "report")
+            mlflow.MlflowClient().log_text(parent, findings_markdown(sections), "findings.md")
         for title, t in shown[:3]:
             print(to_markdown(t, title))
+        print(findings_markdown(sections[:1]))  # the answer to the paper's question, last on the terminal
 
 
 def champion_to_registry(means: dict[str, dict], seed: int, p) -> dict:
