@@ -11,7 +11,10 @@ Dice. Every cell is
 the mean +- the standard deviation over the seeds (sample std, n - 1), with the per-seed
 rows beside; "paired" gives, for every other model, the per-seed difference from model 1
 of the same seed, and from PGD-AT (the field's baseline), its mean and a 95% t-interval
-(mean +- t(0.975, n-1) * sd / sqrt(n)): an effect is shown only where the interval excludes 0.
+(mean +- t(0.975, n-1) * sd / sqrt(n)): an effect is shown only where the interval excludes 0;
+the same for the field's worst case at each radius. The findings (finding_sections) say these
+in sentences, the paper's question first, on top of report.md and report.html and as
+metrics/report.json's "findings".
 The report shows the models its evaluations hold (``mlsys compare`` on runs of an older
 pipeline: the four only).
 The champion (registered in MLflow by the report stage) is chosen by CHAMPION_CRITERION.
@@ -111,20 +114,28 @@ def per_seed_table(per_seed: dict[int, dict[str, dict]], key: str) -> dict[str, 
     return table({f"{m} seed {seed}": evals[m][key] for m in models_of(per_seed) for seed, evals in per_seed.items()})
 
 
-def paired_differences(per_seed: dict[int, dict[str, dict]], baseline: str = "model1") -> list[dict]:
-    """For each other model and each of PAIRED, clean and under attack: the differences from
-    ``baseline`` paired by seed, their mean, std and the 95% t-interval of the mean (NaN
-    bounds for one seed). An effect beyond noise is one whose interval excludes 0."""
+def paired_differences(per_seed: dict[int, dict[str, dict]], baseline: str = "model1",
+                       splits: tuple[str, ...] = ("clean", "attack"),
+                       metrics: tuple[str, ...] = PAIRED) -> list[dict]:
+    """For each other model and each of ``metrics`` in each of ``splits`` (keys of the
+    evaluation JSON: clean and under attack; :func:`robust_paired` passes the worst case per
+    radius): the differences from ``baseline`` paired by seed, their mean, std and the 95%
+    t-interval of the mean (NaN bounds for one seed). An effect beyond noise is one whose
+    interval excludes 0; a missing or null score gives NaN."""
     from scipy import stats
+
+    def value(scores: dict, metric: str) -> float:
+        v = scores.get(metric)
+        return math.nan if v is None else v
 
     rows = []
     seeds = list(per_seed)
     for m in models_of(per_seed):
         if m == baseline:
             continue
-        for key in ("clean", "attack"):
-            for metric in PAIRED:
-                d = np.array([per_seed[s][m][key].get(metric, math.nan) - per_seed[s][baseline][key].get(metric, math.nan)
+        for key in splits:
+            for metric in metrics:
+                d = np.array([value(per_seed[s][m][key], metric) - value(per_seed[s][baseline][key], metric)
                               for s in seeds])
                 n, mean = len(d), float(np.mean(d))
                 sd = float(np.std(d, ddof=1)) if n > 1 else math.nan
@@ -222,7 +233,17 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
              for i, m in enumerate(cmean["model"])}
     return {"radii": radii, "top": top, "table": mean, "table_std": std, "tissue": tissue, "curves": curves,
             "clean": clean, "attacks": evals[0]["robust"]["attacks"], "labels": evals[0]["robust"].get("labels", {}),
-            "n_seeds": len(per_seed)}
+            "n_seeds": len(per_seed), "paired": robust_paired(per_seed, radii)}
+
+
+def robust_paired(per_seed: dict[int, dict[str, dict]], radii: list[float]) -> list[dict]:
+    """The paired differences (:func:`paired_differences`) of the worst-case Dice and accuracy
+    at each radius, from model 1 and from PGD-AT (where evaluated); "split" is "eps <r>/255"."""
+    worst = {s: {m: {f"eps {k}/255": v for k, v in e["robust"]["worst"].items()} for m, e in evals.items()}
+             for s, evals in per_seed.items()}
+    splits = tuple(f"eps {radius_key(r)}/255" for r in radii)
+    return [r for b in PAIRED_BASELINES if b in models_of(per_seed)
+            for r in paired_differences(worst, b, splits, ROBUST_SHOWN[0])]
 
 
 def robust_summary(rob: dict) -> dict:
@@ -358,20 +379,142 @@ def table_titles(attack: str, n_seeds: int, split: str | None = None) -> tuple[s
             f"Table 2: under attack ({attack}; test split of {split}; {over})")
 
 
+# --------------------------------------------------------------------------- findings
+FINDING_METRICS = (("dice", "Dice"), ("accuracy", "accuracy"))  # what the findings state, higher is better
+FINDINGS_NOTE = ("Paired differences over the seeds (same seed; higher is better): mean [95% t-interval]. "
+                 "A model is called better or worse only where the interval excludes 0. The answer to the "
+                 "paper's question comes first; the tables below hold every number.")
+
+
+def side(row: dict) -> str:
+    """A paired difference's conclusion: "better" or "worse" where its 95% interval excludes 0,
+    else "no conclusion" (within the interval, one seed, or no score)."""
+    lo, hi = row["lo"], row["hi"]
+    return "better" if lo > 0 else "worse" if hi < 0 else "no conclusion"  # NaN compares False
+
+
+def verdict(row: dict) -> str:
+    """One paired difference in words: "+0.031 [+0.004, +0.058], better beyond the 95% interval"."""
+    mean, lo, hi = row["mean"], row["lo"], row["hi"]
+    if math.isnan(mean):
+        return "n/a (no score)"
+    if math.isnan(lo):
+        return f"{mean:+.3f}, one seed: no interval, no conclusion"
+    s = side(row)
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}], " + (f"{s} beyond the 95% interval" if s != "no conclusion"
+                                                       else "within the interval: no conclusion")
+
+
+def finding_sections(tabs: dict, labels: dict[str, str] = MODEL_LABELS) -> list[tuple[str, list[str]]]:
+    """The report's answer as (heading, sentences), from the paired differences of ``tabs``
+    (:func:`build_tables`; the worst case per radius from ``tabs["robust"]["paired"]``), in
+    this order: the paper's question (one summary per baseline of the Dice of models 2-4 under
+    its attack from model 1 and from PGD-AT, then each of them with Dice and accuracy), the
+    baselines under the paper's attack, the clean test split, the field's worst case at each
+    radius. Each sentence gives the mean difference, its 95% interval and its conclusion
+    (:func:`verdict`); model 1 from PGD-AT is said once, as PGD-AT from model 1."""
+    rows = list(tabs["paired"]) + list((tabs.get("robust") or {}).get("paired", []))
+    by = {(r["model"], r.get("baseline", "model1"), r["split"], r["metric"]): r for r in rows}
+    pairs = list(dict.fromkeys((r["model"], r.get("baseline", "model1")) for r in rows))
+    pairs = sorted([(m, b) for m, b in pairs if not (m in PAIRED_BASELINES and (b, m) in pairs
+                                                     and PAIRED_BASELINES.index(m) < PAIRED_BASELINES.index(b))],
+                   key=lambda mb: (mb[0] not in MODELS, PAIRED_BASELINES.index(mb[1]), list(EXPERIMENT).index(mb[0])))
+    asked = [(m, b) for m, b in pairs if m in MODELS]  # models 2-4 (the paper's models) from each baseline
+
+    def name(m: str) -> str:
+        return labels.get(m, m)
+
+    def sentences(split: str, words: str, of: list[tuple[str, str]]) -> list[str]:
+        out = []
+        for m, b in of:
+            said = [f"{w} {verdict(by[(m, b, split, k)])}" for k, w in FINDING_METRICS if (m, b, split, k) in by]
+            if said:
+                line = f"{name(m)} vs {name(b)}, {words}: " + "; ".join(said) + "."
+                out.append(line[0].upper() + line[1:])
+        return out
+
+    question = []
+    for b in dict.fromkeys(b for _, b in asked):
+        diffs = [by[(m, b, "attack", "dice")] for m, bb in asked if bb == b and (m, b, "attack", "dice") in by]
+        groups = {s: [name(r["model"]) for r in diffs if side(r) == s] for s in ("better", "worse", "no conclusion")}
+        question.append(f"The paper's question, Dice under its attack, models 2-4 vs {name(b)}: "
+                        + "; ".join(f"{s}{' beyond the 95% interval' if s != 'no conclusion' else ''}: "
+                                    f"{', '.join(ms)}" for s, ms in groups.items() if ms) + ".")
+    radii = list(dict.fromkeys(r["split"] for r in rows if r["split"].startswith("eps ")))
+    sections = [("The paper's question: do models 2-4 resist its attack better than model 1 and than PGD-AT?",
+                 question + sentences("attack", "under the paper's attack", asked)),
+                ("The baselines under the paper's attack",
+                 sentences("attack", "under the paper's attack", [mb for mb in pairs if mb not in asked])),
+                ("Clean test split", sentences("clean", "clean", pairs)),
+                *[(f"The field's worst case at {r}", sentences(r, f"worst case at {r}", pairs)) for r in radii]]
+    return [(h, ss) for h, ss in sections if ss]
+
+
+def findings(tabs: dict, labels: dict[str, str] = MODEL_LABELS) -> list[str]:
+    """The sentences of :func:`finding_sections`, in order (metrics/report.json's "findings",
+    MLflow's findings.md)."""
+    return [x for _, ss in finding_sections(tabs, labels) for x in ss]
+
+
+def findings_markdown(sections: list[tuple[str, list[str]]]) -> str:
+    """The findings section of report.md (and MLflow's findings.md)."""
+    parts = ["## Findings", "", FINDINGS_NOTE, ""]
+    for heading, ss in sections:
+        parts += [f"**{heading}**", "", *[f"- {x}" for x in ss], ""]
+    return "\n".join(parts)
+
+
 def markdown_report(tables: list[tuple[str, dict]], figures: list[tuple[str, str]],
-                    notes: tuple[str, ...] = ()) -> str:
-    """One page: the notes, the titled tables and the figures (relative paths)."""
-    parts = [f"# {TITLE}", "", METRICS_NOTE, "", *[x for n in notes for x in (n, "")],
-             *[x for title, t in tables for x in (to_markdown(t, title), "")]]
+                    notes: tuple[str, ...] = (), findings: list[tuple[str, list[str]]] = ()) -> str:
+    """One page: the findings (:func:`finding_sections`), the notes, the titled tables (complete,
+    however wide) and the figures (relative paths)."""
+    parts = [f"# {TITLE}", "", *([findings_markdown(findings)] if findings else []), METRICS_NOTE, "",
+             *[x for n in notes for x in (n, "")], *[x for title, t in tables for x in (to_markdown(t, title), "")]]
     for title, path in figures:
         parts += [f"## {title}", "", f"![{title}]({path})", ""]
     return "\n".join(parts)
 
 
+PAGE_CHARS = 180  # the characters of table text a row of report.html may hold: fits a 1400-pixel window
+KEY_COLUMNS = ("model", "from", "tissue")  # repeated in every part of a split table
+
+
+def split_wide(t: dict[str, list], width: int = PAGE_CHARS) -> list[dict[str, list]]:
+    """``t`` in parts of at most ``width`` characters a row (a column counts its longest cell or
+    header, plus 2 for the padding), each part with the key columns (KEY_COLUMNS) first; one
+    part where ``t`` fits, else parts of about equal width. A column wider than ``width`` on
+    its own gets a part to itself."""
+    def chars(c: str) -> int:
+        return max([len(c), *(len(_fmt(v, 4)) for v in t[c])]) + 2
+
+    def fill(room: int) -> list[list[str]]:  # left to right, a new part where the next column does not fit
+        parts: list[list[str]] = [[]]
+        used = 0
+        for c in rest:
+            if parts[-1] and used + chars(c) > room:
+                parts.append([])
+                used = 0
+            parts[-1].append(c)
+            used += chars(c)
+        return parts
+
+    keys = [c for c in t if c in KEY_COLUMNS]
+    rest = [c for c in t if c not in keys]
+    room = width - sum(chars(c) for c in keys)
+    parts = fill(room)
+    even = -(-sum(map(chars, rest)) // len(parts))  # the same number of parts, balanced
+    while len(balanced := fill(even)) > len(parts):
+        even += 1
+    return [{c: t[c] for c in keys + p} for p in balanced]
+
+
 def html_report(tables: list[tuple[str, dict]], figures: list[tuple[str, str]], folder,
-                notes: tuple[str, ...] = ()) -> str:
+                notes: tuple[str, ...] = (), findings: list[tuple[str, list[str]]] = ()) -> str:
     """The same page as one self-contained HTML file (figures embedded), which the MLflow
-    artifact viewer renders."""
+    artifact viewer renders. It opens on the findings (the paper's question shown, the rest
+    folded in <details>); a table wider than a 1400-pixel window is split into parts
+    (:func:`split_wide`, "part 1 of 2"), and every table sits in a horizontally scrollable
+    container (class "table-scroll") in case a browser's font is wider."""
     import base64
     import html
     from pathlib import Path
@@ -381,18 +524,33 @@ def html_report(tables: list[tuple[str, dict]], figures: list[tuple[str, str]], 
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v, 4))}</td>" for v in r) + "</tr>"
                        for r in zip(*(t[c] for c in cols)))
-        return f"<table><caption>{html.escape(title)}</caption><tr>{head}</tr>{body}</table>"
+        return (f'<div class="table-scroll"><table><caption>{html.escape(title)}</caption><tr>{head}</tr>{body}'
+                "</table></div>")
 
-    parts = [f"<h1>{html.escape(TITLE)}</h1>", f"<p>{html.escape(METRICS_NOTE)}</p>",
+    def tabs(t: dict, title: str) -> list[str]:
+        parts = split_wide(t)
+        return [tab(p, title if len(parts) == 1 else f"{title} (part {i} of {len(parts)})")
+                for i, p in enumerate(parts, 1)]
+
+    def items(ss: list[str]) -> str:
+        return f"<ul>{''.join(f'<li>{html.escape(x)}</li>' for x in ss)}</ul>"
+
+    # the answer to the paper's question open; the other findings one click away, to keep the top short
+    found = ([f"<h2>Findings</h2><p>{html.escape(FINDINGS_NOTE)}</p>",
+              f"<h3>{html.escape(findings[0][0])}</h3>{items(findings[0][1])}",
+              *[f"<details><summary><b>{html.escape(h)}</b> ({len(ss)} comparisons)</summary>{items(ss)}</details>"
+                for h, ss in findings[1:]]] if findings else [])
+    parts = [f"<h1>{html.escape(TITLE)}</h1>", *found, f"<p>{html.escape(METRICS_NOTE)}</p>",
              *[f"<p><b>{html.escape(n)}</b></p>" for n in notes],
-             *[tab(t, title) for title, t in tables]]
+             *[x for title, t in tables for x in tabs(t, title)]]
     for title, path in figures:
         data = base64.b64encode((Path(folder) / path).read_bytes()).decode()
         parts += [f"<h2>{html.escape(title)}</h2>",
                   f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">']
     style = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;"
              "margin:1em 0;font-size:13px}caption{font-weight:bold;text-align:left;padding:4px 0}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}img{max-width:100%}"
+             ".table-scroll{max-width:100%;overflow-x:auto}li{margin:0.2em 0}")
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(TITLE)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -431,8 +589,9 @@ def build_tables(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 def summary(per_seed: dict[int, dict[str, dict]], tabs: dict) -> dict:
     """The numbers of metrics/report.json (`dvc metrics show`, `dvc exp show`): per model the
-    mean and std over seeds of accuracy, Dice and paper Dice, clean and attacked, and the
-    paired differences with their intervals: "paired" from model 1, "paired_pgdat" from PGD-AT."""
+    mean and std over seeds of accuracy, Dice and paper Dice, clean and attacked, the
+    paired differences with their intervals: "paired" from model 1, "paired_pgdat" from PGD-AT,
+    and the report's "findings" in sentences (:func:`findings`)."""
     out: dict = {"seeds": list(per_seed)}
     for name, key in (("table1", "clean"), ("table2", "attack")):
         for i, m in enumerate(tabs[name]["model"]):
@@ -445,6 +604,7 @@ def summary(per_seed: dict[int, dict[str, dict]], tabs: dict) -> dict:
             "mean": _num(r["mean"]), "lo": _num(r["lo"]), "hi": _num(r["hi"])}
     if tabs.get("robust") is not None:
         out["robust"] = robust_summary(tabs["robust"])
+    out["findings"] = findings(tabs)
     return out
 
 
@@ -453,8 +613,8 @@ def _num(v: float) -> float | None:
 
 
 def main(p) -> None:
-    """DVC stage ``report``: ``reports/`` (Tables 1-2 with mean +- std over ``seeds``, per-seed
-    rows, paired differences, figures, report.md/html), ``metrics/report.json``,
+    """DVC stage ``report``: ``reports/`` (the findings, Tables 1-2 with mean +- std over ``seeds``,
+    per-seed rows, paired differences, figures, report.md/html), ``metrics/report.json``,
     ``plots/report/*.csv``, one MLflow run (also on the pipeline run) and the champion in
     the MLflow model registry."""
     import csv
@@ -525,7 +685,9 @@ def main(p) -> None:
         figs.append(("Per-class Dice", "figures/per_class_dice.png"))
         files.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
         if rob is not None:
-            for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"])):
+            robust_paired_cols = {k: [r[k] for r in rob["paired"]] for k in paired_cols}
+            for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"]),
+                            ("robust_paired", robust_paired_cols)):
                 (out / f"{name}.csv").write_text(to_csv(t))
                 mlflow.log_table(t, f"tables/{name}.json")
             for (title, t), name in zip(shown[3:6], ("robust", "robust_miou", "tissue")):
@@ -573,14 +735,18 @@ def main(p) -> None:
                                        result["champion"]["version"], tracking.CHAMPION_ALIAS, first, labels))
             print(notes[-1])
         files.write_json(paths.REPORT_METRICS, result)
-        (out / "report.md").write_text(markdown_report(shown, figs, tuple(notes)))
-        (out / "report.html").write_text(html_report(shown, figs, out, tuple(notes)))
+        sections = finding_sections(tabs)
+        (out / "report.md").write_text(markdown_report(shown, figs, tuple(notes), sections))
+        (out / "report.html").write_text(html_report(shown, figs, out, tuple(notes), sections))
         mlflow.log_artifacts(str(out), "report")
+        mlflow.log_text(findings_markdown(sections), "findings.md")
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent:  # the pipeline run carries the report too, where users look first
             mlflow.MlflowClient().log_artifacts(parent, str(out), "report")
+            mlflow.MlflowClient().log_text(parent, findings_markdown(sections), "findings.md")
         for title, t in shown[:3]:
             print(to_markdown(t, title))
+        print(findings_markdown(sections[:1]))  # the answer to the paper's question, last on the terminal
 
 
 def champion_to_registry(means: dict[str, dict], seed: int, p) -> dict:

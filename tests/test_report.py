@@ -36,7 +36,9 @@ def test_html_report_embeds_tables_and_figures(tmp_path):
     titles = report.table_titles(report.attack_name(evals["model1"]["attack_settings"]), 3)
     page = report.html_report([(titles[0], t1), (titles[1], t2)], [("A <figure>", "f.png")], tmp_path,
                               ("Champion: model2",))
-    assert page.count("<table>") == 2 and "Table 2: under attack (faithful attack, 2 steps" in page
+    assert "Table 2: under attack (faithful attack, 2 steps" in page
+    assert page.count("<table>") == 4 and "(part 2 of 2)" in page          # 16 columns: too wide for one
+    assert page.count('<div class="table-scroll"><table>') == 4          # every table scrolls, never the page
     assert "mean ± std over 3 seeds" in page
     assert "data:image/png;base64,iVBORyBmYWtl" in page and "A &lt;figure&gt;" in page
     assert "<b>Champion: model2</b>" in page and "<td>n/a</td>" in page
@@ -230,3 +232,99 @@ def test_paired_differences_from_model1_and_from_pgdat_with_the_baselines_labell
         AdversarialParams(steps=1, half_clean=False)))
     assert t1["model"][:4] == ["model1", "model2", "model3", "model4"] and t1["model"][4] == "PGD-AT (1 step, 4/255)"
     assert "pgdat = PGD-AT (2 steps, 4/255, half clean)" in report.baselines_note(AdversarialParams())
+
+
+# --------------------------------------------------------------------------- the findings
+def test_findings_state_each_effect_with_its_interval_and_conclusion():
+    """Better beyond the interval, worse beyond it, within it, one seed; from model 1 and PGD-AT."""
+    from mlsys.params import EXPERIMENT
+
+    values = {m: [0.30, 0.31, 0.29] for m in EXPERIMENT}
+    values["model2"] = [0.20, 0.22, 0.21]                   # model 1 - 0.10, 0.09, 0.08: worse
+    values["model3"] = [0.35, 0.36, 0.34]                   # model 1 + 0.05 each: better
+    values["model4"] = [0.40, 0.20, 0.32]                   # +0.10, -0.11, +0.03: within
+    said = report.findings(report.build_tables(seeds_of(values)))
+    lines = {x.split(":")[0]: x for x in said}
+    assert lines["Model 3 (method2) vs model 1 (clean), under the paper's attack"] == (
+        "Model 3 (method2) vs model 1 (clean), under the paper's attack: Dice +0.050 [+0.050, +0.050], "
+        "better beyond the 95% interval; accuracy +0.000 [+0.000, +0.000], within the interval: no conclusion.")
+    d = [-0.10, -0.09, -0.08]                               # by hand: mean -0.09, sd 0.01
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert lines["Model 2 (method1) vs model 1 (clean), under the paper's attack"].startswith(
+        f"Model 2 (method1) vs model 1 (clean), under the paper's attack: Dice {sum(d) / 3:+.3f} "
+        f"[{-0.09 - half:+.3f}, {-0.09 + half:+.3f}], worse beyond the 95% interval;")
+    assert "Dice +0.007 [" in lines["Model 4 (clean + method1 + method2) vs model 1 (clean), under the paper's attack"]
+    assert "within the interval: no conclusion; accuracy" in \
+        lines["Model 4 (clean + method1 + method2) vs model 1 (clean), under the paper's attack"]
+    assert said[0] == ("The paper's question, Dice under its attack, models 2-4 vs model 1 (clean): better beyond the "
+                       "95% interval: model 3 (method2); worse beyond the 95% interval: model 2 (method1); "
+                       "no conclusion: model 4 (clean + method1 + method2).")
+    assert said[1].startswith("The paper's question, Dice under its attack, models 2-4 vs PGD-AT: ")
+    one = report.findings(report.build_tables({0: seeds_of(values)[0]}))
+    assert "Dice -0.100, one seed: no interval, no conclusion" in one[2]
+    assert all("beyond" not in x for x in one)
+
+
+def test_findings_answer_the_papers_question_first_then_baselines_clean_worst_case():
+    per_seed = robust_seeds()
+    for s, evals in per_seed.items():                      # PGD-AT beside models 1-4: its worst Dice 0.1 higher
+        evals["pgdat"] = {**evals["model4"], "robust": {**evals["model4"]["robust"], "worst": {
+            r: {**v, "dice": v["dice"] + 0.1} for r, v in evals["model4"]["robust"]["worst"].items()}}}
+    tabs = report.build_tables(per_seed)
+    sections = report.finding_sections(tabs)
+    assert [h for h, _ in sections] == [
+        "The paper's question: do models 2-4 resist its attack better than model 1 and than PGD-AT?",
+        "The baselines under the paper's attack", "Clean test split",
+        "The field's worst case at eps 1/255", "The field's worst case at eps 8/255"]
+    question = sections[0][1]
+    assert [x.split(":")[0] for x in question] == [
+        "The paper's question, Dice under its attack, models 2-4 vs model 1 (clean)",
+        "The paper's question, Dice under its attack, models 2-4 vs PGD-AT",
+        *[f"{m} vs {b}, under the paper's attack" for b in ("model 1 (clean)", "PGD-AT")
+          for m in ("Model 2 (method1)", "Model 3 (method2)", "Model 4 (clean + method1 + method2)")]]
+    assert sections[1][1][0].startswith("PGD-AT vs model 1 (clean), under the paper's attack: Dice")
+    said = report.findings(tabs)
+    assert said == [x for _, ss in sections for x in ss]
+    assert not any(x.startswith("Model 1 (clean) vs PGD-AT") for x in said)   # said once, as PGD-AT vs model 1
+    # the worst case per radius, paired by seed with the same routine: model 3 is 0.2 above model 1 at
+    # every seed and radius, model 4 0.1 below PGD-AT; the accuracy at eps 8 has no score
+    worst8 = sections[4][1]
+    assert ("Model 3 (method2) vs model 1 (clean), worst case at eps 8/255: Dice +0.200 [+0.200, +0.200], better "
+            "beyond the 95% interval; accuracy n/a (no score).") in worst8
+    assert any(x.startswith("Model 4 (clean + method1 + method2) vs PGD-AT, worst case at eps 8/255: Dice -0.100 "
+                            "[-0.100, -0.100], worse beyond") for x in worst8)
+    rows = {(r["model"], r["baseline"], r["split"], r["metric"]): r for r in tabs["robust"]["paired"]}
+    assert rows[("model3", "model1", "eps 1/255", "dice")]["per_seed"] == pytest.approx([0.2, 0.2])
+    assert set(k[3] for k in rows) == {"dice", "accuracy"}
+
+
+def test_findings_go_to_the_metrics_json_and_open_the_report(tmp_path):
+    per_seed = seeds_of({"model1": [0.1, 0.2, 0.3], "model2": [0.2, 0.3, 0.41], "model3": [0.3] * 3,
+                         "model4": [0.3] * 3})
+    tabs = report.build_tables(per_seed)
+    summ = report.summary(per_seed, tabs)
+    assert summ["findings"] == report.findings(tabs) and summ["findings"][0].startswith("The paper's question")
+    import json
+    assert json.loads(json.dumps(summ))["findings"] == summ["findings"]
+    sections = report.finding_sections(tabs)
+    t1 = report.mean_std_table(tabs["table1"], tabs["table1_std"])
+    md = report.markdown_report([("Table 1", t1)], [], ("a note",), sections)
+    assert md.index("## Findings") < md.index(report.METRICS_NOTE) < md.index("**Table 1**")
+    assert f"- {summ['findings'][0]}" in md
+    page = report.html_report([("Table 1", t1)], [], tmp_path, ("a note",), sections)
+    assert page.index("<h2>Findings</h2>") < page.index("<table>")
+    assert "<details><summary><b>Clean test split</b> (3 comparisons)</summary>" in page
+
+
+def test_wide_tables_are_split_for_the_page_and_complete_elsewhere(tmp_path):
+    cols = {f"column {i:02d}": [0.123456, 0.5] for i in range(40)}
+    t = {"model": ["model1", "model2"], "from": ["model1", "pgdat"], **cols}
+    parts = report.split_wide(t)
+    assert len(parts) > 1 and all(list(p)[:2] == ["model", "from"] for p in parts)   # the keys in every part
+    assert [c for p in parts for c in list(p)[2:]] == list(cols)                      # every column once, in order
+    widths = [sum(max([len(c), *(len(report._fmt(v, 4)) for v in p[c])]) + 2 for c in p) for p in parts]
+    assert max(widths) <= report.PAGE_CHARS and max(widths) - min(widths) <= 2 * 11   # about equal parts
+    assert report.split_wide({"model": ["m"], "dice": [0.5]}) == [{"model": ["m"], "dice": [0.5]}]
+    page = report.html_report([("Wide", t)], [], tmp_path)
+    assert f"Wide (part 1 of {len(parts)})" in page and page.count('<div class="table-scroll">') == len(parts)
+    assert report.to_markdown(t, "Wide").count("column") == 40                        # the Markdown keeps it whole
