@@ -617,16 +617,9 @@ def main(p) -> None:
     per-seed rows, paired differences, figures, report.md/html), ``metrics/report.json``,
     ``plots/report/*.csv``, one MLflow run (also on the pipeline run) and the champion in
     the MLflow model registry."""
-    import csv
-    import shutil
-    from pathlib import Path
-
     import mlflow
-    import torch
 
-    from . import data, figures, files, paths, tracking
-    from .metrics import predict
-    from .weights import load_weights
+    from . import data, files, paths, tracking
 
     seeds = list(p.seeds)
     per_seed = read_evals(seeds)
@@ -635,19 +628,8 @@ def main(p) -> None:
     means = mean_evals(per_seed)
     # which data and protocol produced every number: said in the header and the table titles
     split = data.describe_split(data.read_attrs(paths.CLEAN))
-    titles = table_titles(attack, len(seeds), split)
     labels = model_labels(p.adversarial)
-    models = models_of(per_seed)
-    shown = [(titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
-             (titles[1], labelled(mean_std_table(tabs["table2"], tabs["table2_std"]), labels)),
-             (PAIRED_NOTE, labelled(paired_table(tabs["paired"]), labels, ("model", "from"))),
-             ("Table 1 per seed", tabs["table1_seeds"]), ("Table 2 per seed", tabs["table2_seeds"])]
-    rob = tabs["robust"]
-    if rob is not None:  # after Tables 1-2 and the paired differences, before the per-seed rows
-        rtitles = robust_titles(rob)
-        shown[3:3] = [*[(title, labelled(mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"], ms)),
-                                         labels)) for title, ms in zip(rtitles, ROBUST_SHOWN)],
-                      (rtitles[2], rob["tissue"])]
+    shown = shown_tables(tabs, table_titles(attack, len(seeds), split), labels)
     machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
     notes = [f"Data: {split}.", f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. "
              "Reproducibility: CPU results are bit-identical only on the same CPU model with the same thread count.",
@@ -655,71 +637,8 @@ def main(p) -> None:
     # reports/ is a DVC out dir written file by file: build it beside and rename it when complete
     with tracking.stage_run(paths.stage_name("report"), {"seeds": ",".join(map(str, seeds))}, p.tracking.experiment,
                             {"mlsys.stage": "report"}) as run, files.atomic_dir(paths.REPORT) as out:
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-        for name in ("table1", "table1_std", "table1_seeds", "table2", "table2_std", "table2_seeds"):
-            (out / f"{name}.csv").write_text(to_csv(tabs[name]))
-            mlflow.log_table(tabs[name], f"tables/{name}.json")
-        paired_cols = {k: [r[k] for r in tabs["paired"]] for k in ("model", "baseline", "split", "metric", "mean",
-                                                                      "std", "lo", "hi", "n_seeds")}
-        (out / "paired.csv").write_text(to_csv(paired_cols))
-        mlflow.log_table(paired_cols, "tables/paired.json")
-        for (title, t), name in zip(shown[:2], ("table1", "table2")):
-            (out / f"{name}.md").write_text(to_markdown(t, title))
-        (out / "paired.md").write_text(to_markdown(shown[2][1], shown[2][0]))
-        figs: list[tuple[str, str]] = []
-        histories = {m: [] for m in models}
-        for m in models:
-            for seed in seeds:
-                with open(paths.train_plot(m, seed)) as f:
-                    histories[m].append([{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)])
-        figures.save(figures.loss_bands(histories, f"validation loss of the models (band: lowest to highest "
-                                                   f"of {len(seeds)} seeds)"), out / "figures/validation_loss.png")
-        figs.append(("Validation loss", "figures/validation_loss.png"))
-        figures.save(figures.metric_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
-                                         std2=tabs["table2_std"],
-                                         title=f"clean test split vs {attack} (mean ± std, {len(seeds)} seeds)"),
-                     out / "figures/clean_vs_attack.png")
-        figs.append(("Clean vs attacked", "figures/clean_vs_attack.png"))
-        figures.save(figures.per_class_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
-                                            std2=tabs["table2_std"]), out / "figures/per_class_dice.png")
-        figs.append(("Per-class Dice", "figures/per_class_dice.png"))
-        files.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
-        if rob is not None:
-            robust_paired_cols = {k: [r[k] for r in rob["paired"]] for k in paired_cols}
-            for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"]),
-                            ("robust_paired", robust_paired_cols)):
-                (out / f"{name}.csv").write_text(to_csv(t))
-                mlflow.log_table(t, f"tables/{name}.json")
-            for (title, t), name in zip(shown[3:6], ("robust", "robust_miou", "tissue")):
-                (out / f"{name}.md").write_text(to_markdown(t, title))
-            figures.save(figures.robust_radius(robust_radius_rows(rob), rob["table"]["model"],
-                                               f"worst case of {protocol_names(rob)} against the L-inf radius "
-                                               f"(mean ± std, {len(seeds)} seeds)"), out / "figures/robust_radius.png")
-            figs.append(("Robustness against the radius", "figures/robust_radius.png"))
-            figures.save(figures.robust_steps(rob["curves"], f"Dice along the attacks at eps {rob['top']}/255 "
-                                                             f"(mean; band: lowest to highest of {len(seeds)} seeds)",
-                                                 rob["labels"]), out / "figures/robust_steps.png")
-            figs.append(("Robustness along the attack steps", "figures/robust_steps.png"))
-            files.write_csv(f"{paths.REPORT_PLOTS}/robust_radius.csv", robust_radius_rows(rob))
-            files.write_csv(f"{paths.REPORT_PLOTS}/robust_steps.csv", robust_steps_rows(rob))
-        for m, runs in histories.items():  # `dvc plots`: the mean curve over seeds of each model
-            n = min(len(r) for r in runs)
-            files.write_csv(f"{paths.REPORT_PLOTS}/{m}_loss.csv", [
-                {"epoch": e, **{k: float(np.mean([r[e][k] for r in runs])) for k in ("train_loss", "valid_loss")}}
-                for e in range(n)])
-        first = seeds[0]
-        for m in models:
-            shutil.copy(Path(paths.eval_figures(m, first)) / "attack_panel.png", out / f"figures/{m}_attack_panel.png")
-            figs.append((f"{labels[m]} under attack (seed {first})", f"figures/{m}_attack_panel.png"))
-        model1 = load_weights(paths.weights("model1", first), p.model).eval()
-        clean, _ = data.head(paths.CLEAN, "train", p.evaluate.n_panel)
-        for method in ("method1", "method2"):
-            pert, masks = data.head(paths.dataset(method, first), "train", p.evaluate.n_panel)
-            logits = predict(model1, pert, len(pert), torch.device("cpu"))
-            fig = figures.perturbation_panel(clean, pert, masks, logits,
-                                             f"{method} training images (seed {first}; prediction: model 1)")
-            figures.save(fig, out / f"figures/{method}_perturbation.png")
-            figs.append((f"{method} perturbations", f"figures/{method}_perturbation.png"))
+        write_tables(out, tabs, shown)
+        figs = draw_figures(out, p, tabs, means, models_of(per_seed), labels, seeds, attack)
         result = {**summary(per_seed, tabs), "data": split, "machine": machines,
                   "mlflow": {"pipeline_run_id": run.data.tags.get("mlflow.parentRunId", ""),
                              "report_run_id": run.info.run_id}}
@@ -730,9 +649,9 @@ def main(p) -> None:
                             for r, ms in per_r.items() for metric, st in ms.items()
                             for stat, v in st.items() if v is not None})
         if p.tracking.log_model:  # the champion joins the model registry
-            result["champion"] = champion_to_registry(means, first, p)
+            result["champion"] = champion_to_registry(means, seeds[0], p)
             notes.append(champion_line(result["champion"]["model"], result["champion"]["registered_model"],
-                                       result["champion"]["version"], tracking.CHAMPION_ALIAS, first, labels))
+                                       result["champion"]["version"], tracking.CHAMPION_ALIAS, seeds[0], labels))
             print(notes[-1])
         files.write_json(paths.REPORT_METRICS, result)
         sections = finding_sections(tabs)
@@ -747,6 +666,116 @@ def main(p) -> None:
         for title, t in shown[:3]:
             print(to_markdown(t, title))
         print(findings_markdown(sections[:1]))  # the answer to the paper's question, last on the terminal
+
+
+def shown_tables(tabs: dict, titles: tuple[str, str], labels: dict[str, str]) -> list[tuple[str, dict]]:
+    """The tables of the pages, titled, in order: Tables 1-2 (mean +- std), the paired
+    differences, the robustness tables and the per-tissue one (where evaluated), the per-seed
+    rows; the baselines named by their labels."""
+    shown = [(titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
+             (titles[1], labelled(mean_std_table(tabs["table2"], tabs["table2_std"]), labels)),
+             (PAIRED_NOTE, labelled(paired_table(tabs["paired"]), labels, ("model", "from"))),
+             ("Table 1 per seed", tabs["table1_seeds"]), ("Table 2 per seed", tabs["table2_seeds"])]
+    rob = tabs["robust"]
+    if rob is not None:  # after Tables 1-2 and the paired differences, before the per-seed rows
+        rtitles = robust_titles(rob)
+        shown[3:3] = [*[(title, labelled(mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"], ms)),
+                                         labels)) for title, ms in zip(rtitles, ROBUST_SHOWN)],
+                      (rtitles[2], rob["tissue"])]
+    return shown
+
+
+PAIRED_COLUMNS = ("model", "baseline", "split", "metric", "mean", "std", "lo", "hi", "n_seeds")
+
+
+def write_tables(out, tabs: dict, shown: list[tuple[str, dict]]) -> None:
+    """Every table into ``out`` (CSV whole, Markdown as shown) and into the MLflow run."""
+    import mlflow
+
+    for name in ("table1", "table1_std", "table1_seeds", "table2", "table2_std", "table2_seeds"):
+        (out / f"{name}.csv").write_text(to_csv(tabs[name]))
+        mlflow.log_table(tabs[name], f"tables/{name}.json")
+    paired_cols = {k: [r[k] for r in tabs["paired"]] for k in PAIRED_COLUMNS}
+    (out / "paired.csv").write_text(to_csv(paired_cols))
+    mlflow.log_table(paired_cols, "tables/paired.json")
+    for (title, t), name in zip(shown[:2], ("table1", "table2")):
+        (out / f"{name}.md").write_text(to_markdown(t, title))
+    (out / "paired.md").write_text(to_markdown(shown[2][1], shown[2][0]))
+    rob = tabs["robust"]
+    if rob is not None:
+        robust_paired_cols = {k: [r[k] for r in rob["paired"]] for k in PAIRED_COLUMNS}
+        for name, t in (("robust", rob["table"]), ("robust_std", rob["table_std"]), ("tissue", rob["tissue"]),
+                        ("robust_paired", robust_paired_cols)):
+            (out / f"{name}.csv").write_text(to_csv(t))
+            mlflow.log_table(t, f"tables/{name}.json")
+        for (title, t), name in zip(shown[3:6], ("robust", "robust_miou", "tissue")):
+            (out / f"{name}.md").write_text(to_markdown(t, title))
+
+
+def draw_figures(out, p, tabs: dict, means: dict, models: list[str], labels: dict[str, str], seeds: list[int],
+                 attack: str) -> list[tuple[str, str]]:
+    """The report's figures into ``out/figures`` and the `dvc plots` CSVs into plots/report;
+    returns (title, relative path) of each figure, in page order."""
+    import csv
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from . import data, figures, files, paths
+    from .metrics import predict
+    from .weights import load_weights
+
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    figs: list[tuple[str, str]] = []
+    histories = {m: [] for m in models}
+    for m in models:
+        for seed in seeds:
+            with open(paths.train_plot(m, seed)) as f:
+                histories[m].append([{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)])
+    figures.save(figures.loss_bands(histories, f"validation loss of the models (band: lowest to highest "
+                                               f"of {len(seeds)} seeds)"), out / "figures/validation_loss.png")
+    figs.append(("Validation loss", "figures/validation_loss.png"))
+    figures.save(figures.metric_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
+                                     std2=tabs["table2_std"],
+                                     title=f"clean test split vs {attack} (mean ± std, {len(seeds)} seeds)"),
+                 out / "figures/clean_vs_attack.png")
+    figs.append(("Clean vs attacked", "figures/clean_vs_attack.png"))
+    figures.save(figures.per_class_bars(tabs["table1"], tabs["table2"], std1=tabs["table1_std"],
+                                        std2=tabs["table2_std"]), out / "figures/per_class_dice.png")
+    figs.append(("Per-class Dice", "figures/per_class_dice.png"))
+    files.write_csv(f"{paths.REPORT_PLOTS}/per_class_dice.csv", per_class_rows(means))
+    rob = tabs["robust"]
+    if rob is not None:
+        figures.save(figures.robust_radius(robust_radius_rows(rob), rob["table"]["model"],
+                                           f"worst case of {protocol_names(rob)} against the L-inf radius "
+                                           f"(mean ± std, {len(seeds)} seeds)"), out / "figures/robust_radius.png")
+        figs.append(("Robustness against the radius", "figures/robust_radius.png"))
+        figures.save(figures.robust_steps(rob["curves"], f"Dice along the attacks at eps {rob['top']}/255 "
+                                                         f"(mean; band: lowest to highest of {len(seeds)} seeds)",
+                                          rob["labels"]), out / "figures/robust_steps.png")
+        figs.append(("Robustness along the attack steps", "figures/robust_steps.png"))
+        files.write_csv(f"{paths.REPORT_PLOTS}/robust_radius.csv", robust_radius_rows(rob))
+        files.write_csv(f"{paths.REPORT_PLOTS}/robust_steps.csv", robust_steps_rows(rob))
+    for m, runs in histories.items():  # `dvc plots`: the mean curve over seeds of each model
+        n = min(len(r) for r in runs)
+        files.write_csv(f"{paths.REPORT_PLOTS}/{m}_loss.csv", [
+            {"epoch": e, **{k: float(np.mean([r[e][k] for r in runs])) for k in ("train_loss", "valid_loss")}}
+            for e in range(n)])
+    first = seeds[0]
+    for m in models:
+        shutil.copy(Path(paths.eval_figures(m, first)) / "attack_panel.png", out / f"figures/{m}_attack_panel.png")
+        figs.append((f"{labels[m]} under attack (seed {first})", f"figures/{m}_attack_panel.png"))
+    model1 = load_weights(paths.weights("model1", first), p.model).eval()
+    clean, _ = data.head(paths.CLEAN, "train", p.evaluate.n_panel)
+    for method in ("method1", "method2"):
+        pert, masks = data.head(paths.dataset(method, first), "train", p.evaluate.n_panel)
+        logits = predict(model1, pert, len(pert), torch.device("cpu"))
+        fig = figures.perturbation_panel(clean, pert, masks, logits,
+                                         f"{method} training images (seed {first}; prediction: model 1)")
+        figures.save(fig, out / f"figures/{method}_perturbation.png")
+        figs.append((f"{method} perturbations", f"figures/{method}_perturbation.png"))
+    return figs
 
 
 def champion_to_registry(means: dict[str, dict], seed: int, p) -> dict:

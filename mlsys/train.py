@@ -93,6 +93,66 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     torch.manual_seed(seed * 100_003 + epoch + 7_919 * rank)
 
 
+def _check_inputs(model: UNet, train: tuple, valid: tuple, cfg: TrainParams, world: int) -> None:
+    """One-line errors for a batch the data or the processes cannot fill, masks beyond the
+    model's classes, and images the U-Net cannot pool."""
+    from .params import ParamsError
+
+    if cfg.batch_size > len(train[0]):
+        raise ParamsError(f"params: train.batch_size = {cfg.batch_size} is invalid; expected at most "
+                          f"the {len(train[0])} training images")
+    if cfg.batch_size % world:
+        raise ParamsError(f"params: train.batch_size = {cfg.batch_size} is invalid; expected a multiple of "
+                          f"the {world} processes (the global batch is split evenly)")
+    n_classes = model.head.out_channels
+    if int(train[1].max()) >= n_classes or int(valid[1].max()) >= n_classes:
+        raise ParamsError(f"params: model.n_classes = {n_classes} is invalid; the masks hold class ids up "
+                          f"to {max(int(train[1].max()), int(valid[1].max()))}")
+    side = 2 ** getattr(model, "depth", 0)
+    if train[0].shape[-1] % side or train[0].shape[-2] % side:
+        raise ParamsError(f"params: model.depth = {model.depth} cannot pool the "
+                          f"{train[0].shape[-2]}x{train[0].shape[-1]} images; expected a depth whose "
+                          f"2**depth divides the image side")
+
+
+def _resumable(checkpoint: str | os.PathLike | None, fingerprint: str, cfg: TrainParams) -> dict | None:
+    """The checkpoint's state where it is of this very training (same ``fingerprint``) and holds
+    what ``cfg.keep`` needs; None to start over. A file that is no checkpoint is refused."""
+    if not checkpoint or not Path(checkpoint).exists():
+        return None
+    state = safe_load(checkpoint, "checkpoint", "cpu")  # delete a refused one to start over
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history"} <= set(state):
+        raise CheckpointError(f"checkpoint {checkpoint} is not an mlsys training checkpoint; "
+                              "delete it to start over")
+    if state.get("fingerprint") != fingerprint:
+        return None
+    if cfg.keep == "best" and state.get("best", {}).get("epoch") != kept_epoch(state["history"], "best"):
+        print(f"train: checkpoint {checkpoint} lacks the best weights so far; starting over", flush=True)
+        return None
+    return state
+
+
+def _epoch_steps(step, model: UNet, opt, batch_loss: BatchLoss, images: torch.Tensor, masks: torch.Tensor,
+                 order: torch.Tensor, per_rank: int, device: torch.device, amp: bool, bar) -> tuple[float, int]:
+    """One epoch's optimiser steps over this rank's share ``order`` of the images, ``per_rank``
+    a step; returns (summed loss, images seen)."""
+    total, seen = 0.0, 0
+    for b in range(0, len(order), per_rank):
+        idx = order[b:b + per_rank]
+        x, y = images[idx].to(device, non_blocking=True), masks[idx].to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            loss = batch_loss(step, model, x, y)  # an inner attack restores the train mode it found
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP: gradients averaged over the ranks (equal shares: the global mean)
+        opt.step()
+        total += loss.item() * len(idx)  # a device sync per batch; negligible next to the step
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return total, seen
+
+
 def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tuple[torch.Tensor, torch.Tensor],
                 cfg: TrainParams, epochs: int, checkpoint: str | os.PathLike | None = None,
                 fingerprint: str = "", on_epoch: Callable[[int, dict], None] | None = None,
@@ -119,25 +179,9 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
     validation loss (``"best"``, the authors' ModelCheckpoint) or the last epoch. The best
     weights so far travel in the checkpoint, so a resumed run keeps the same ones; every
     rank tracks them alike (the validation loss is reduced over the ranks)."""
-    from .params import ParamsError
-
     rank, world = (group.rank, group.world) if group else (0, 1)
     main = rank == 0
-    if cfg.batch_size > len(train[0]):
-        raise ParamsError(f"params: train.batch_size = {cfg.batch_size} is invalid; expected at most "
-                          f"the {len(train[0])} training images")
-    if cfg.batch_size % world:
-        raise ParamsError(f"params: train.batch_size = {cfg.batch_size} is invalid; expected a multiple of "
-                          f"the {world} processes (the global batch is split evenly)")
-    n_classes = model.head.out_channels
-    if int(train[1].max()) >= n_classes or int(valid[1].max()) >= n_classes:
-        raise ParamsError(f"params: model.n_classes = {n_classes} is invalid; the masks hold class ids up "
-                          f"to {max(int(train[1].max()), int(valid[1].max()))}")
-    side = 2 ** getattr(model, "depth", 0)
-    if train[0].shape[-1] % side or train[0].shape[-2] % side:
-        raise ParamsError(f"params: model.depth = {model.depth} cannot pool the "
-                          f"{train[0].shape[-2]}x{train[0].shape[-1]} images; expected a depth whose "
-                          f"2**depth divides the image side")
+    _check_inputs(model, train, valid, cfg, world)
     device = group.device if group else pick_device(cfg.device)
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
@@ -145,18 +189,7 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history: list[dict] = []
     start = 0
-    state = None
-    if main and checkpoint and Path(checkpoint).exists():
-        state = safe_load(checkpoint, "checkpoint", "cpu")  # delete a refused one to start over
-        if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history"} <= set(state):
-            raise CheckpointError(f"checkpoint {checkpoint} is not an mlsys training checkpoint; "
-                                  "delete it to start over")
-        if state.get("fingerprint") != fingerprint:
-            state = None
-        elif cfg.keep == "best" and state.get("best", {}).get("epoch") != kept_epoch(state["history"], "best"):
-            print(f"train: checkpoint {checkpoint} lacks the best weights so far; starting over", flush=True)
-            state = None
-    state = broadcast(state, group)  # every rank resumes from rank 0's checkpoint
+    state = broadcast(_resumable(checkpoint, fingerprint, cfg) if main else None, group)  # rank 0's, on every rank
     best = None  # {"epoch", "model"}: the weights of the lowest validation loss so far (keep == "best")
     if state is not None:
         model.load_state_dict(state["model"])
@@ -187,24 +220,10 @@ def train_model(model: UNet, train: tuple[torch.Tensor, torch.Tensor], valid: tu
             pg["lr"] = lr_at(epoch, cfg)
         model.train()
         order = torch.tensor(list(sampler))
-        total, seen = 0.0, 0
-        batches = range(0, len(order), per_rank)
         # on a terminal a bar per epoch; in a log only the epoch's line below
-        bar = progress_bar(len(batches), f"epoch {epoch + 1}/{epochs}", "batch", progress and main, lines=False,
-                           leave=False)
-        for b in batches:
-            idx = order[b:b + per_rank]
-            x, y = images[idx].to(device, non_blocking=True), masks[idx].to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                loss = batch_loss(step, model, x, y)  # an inner attack restores the train mode it found
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP: gradients averaged over the ranks (equal shares: the global mean)
-            opt.step()
-            total += loss.item() * len(idx)  # a device sync per batch; negligible next to the step
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
-            bar.update(1)
-        bar.close()
+        bar = progress_bar(-(-len(order) // per_rank), f"epoch {epoch + 1}/{epochs}", "batch", progress and main,
+                           lines=False, leave=False)
+        total, seen = _epoch_steps(step, model, opt, batch_loss, images, masks, order, per_rank, device, amp, bar)
         total, seen = all_sum(torch.tensor([total, seen], dtype=torch.float64), group).tolist()
         lo, hi = rank * len(valid[0]) // world, (rank + 1) * len(valid[0]) // world
         bits = valid[2][lo:hi] if len(valid) > 2 and valid[2] is not None else None  # the paper metric's truth
