@@ -639,7 +639,8 @@ def main(p) -> None:
                             {"mlsys.stage": "report"}) as run, files.atomic_dir(paths.REPORT) as out:
         write_tables(out, tabs, shown)
         figs = draw_figures(out, p, tabs, means, models_of(per_seed), labels, seeds, attack)
-        result = {**summary(per_seed, tabs), "data": split, "machine": machines,
+        # "data_split", not "data": `dvc exp show` nests every metrics file under a "data" key
+        result = {**summary(per_seed, tabs), "data_split": split, "machine": machines,
                   "mlflow": {"pipeline_run_id": run.data.tags.get("mlflow.parentRunId", ""),
                              "report_run_id": run.info.run_id}}
         mlflow.log_metrics({f"{key}/{m}/{metric}_{stat}": v for key in ("clean", "attack")
