@@ -158,7 +158,7 @@ def test_dvc_exp_show_and_plots_read_the_pipeline_outputs(pipeline, tmp_path):
     assert set(report_metrics["paired"]["model2"]["attack_dice"]) == {"mean", "lo", "hi"}
     assert set(report_metrics["paired_pgdat"]["trades"]["attack_dice"]) == {"mean", "lo", "hi"}
     assert set(report_metrics["robust"]["model4"]["eps8"]["dice"]) == {"mean", "std"}
-    assert report_metrics["data_split"].startswith("synthetic") and report_metrics["findings"]
+    assert report_metrics["data_split"].startswith("synthetic")  # (DVC leaves lists such as "findings" out)
     run(repo, "dvc", "exp", "show", "--no-pager")  # the table view flattens every key of every metrics file
     assert (repo / "plots/report/robust_radius.csv").read_text().startswith("radius,model1_dice,model1_dice_std,")
     assert (repo / "plots/report/robust_steps.csv").read_text().startswith("step,model1_segpgd,")
