@@ -56,6 +56,7 @@ from mlsys.robust import ATTACKS, SEA_LOSSES, TITLES, class_weights, label, unta
 # evaluate.robust comment). Not measured by this benchmark: GPU totals are estimates from it.
 H100_STEP_S = 0.62e-3
 FIELD_STEPS = 100  # iterations of an attack whose authors fix none (the field runs 100-300)
+PROTOCOL_FORWARDS = 2  # forwards of the protocol per attack and radius: its final images, the worst case
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # the CPU flags that decide fp32/bf16 speed
 
 
@@ -254,6 +255,7 @@ def measure(cfg: Config, device: torch.device) -> dict:
                    robust=replace(ecfg.robust, radii=[max(ecfg.robust.radii)], steps=cfg.steps))
     attacks = ecfg.robust.attacks
     tissue = torch.zeros(n, dtype=torch.int64)
+
     def chunk():
         robust_chunk(model, x, y, None, tissue, 1, 0, ecfg, weights)
 
@@ -268,8 +270,9 @@ def measure(cfg: Config, device: torch.device) -> dict:
     assert grad == want_grad, f"robust_chunk ran {grad} forward+backward passes, the attacks {want_grad}"
     # the protocol's own forwards per attack and radius (its final images, the worst case), and the clean one
     extra = nograd_all - 1 - sum(nograd[a] for a in attacks)
-    assert extra == 2 * len(attacks), f"robust_chunk ran {extra} forwards beside the attacks', expected 2 per attack"
-    predicted = protocol_rows(step_s, nograd, forward_s, 2, n, ecfg.robust.radii,
+    assert extra == PROTOCOL_FORWARDS * len(attacks), \
+        f"robust_chunk ran {extra} forwards beside the attacks', expected {PROTOCOL_FORWARDS} per attack"
+    predicted = protocol_rows(step_s, nograd, forward_s, PROTOCOL_FORWARDS, n, ecfg.robust.radii,
                               {a: cfg.steps for a in attacks})["hours"] * 3600
     check = {"attacks": attacks, "radius": ecfg.robust.radii[0], "steps": cfg.steps, "images": n,
              "measured_s": chunk_s, "predicted_s": predicted, "grad_forwards": grad,
@@ -279,7 +282,8 @@ def measure(cfg: Config, device: torch.device) -> dict:
                       "raw_s_per_image_step": raw_s[a], "nograd_forwards": nograd[a], "noisy": a in noisy,
                       "gflops": flops / step_s[a] / 1e9, "percent_of_peak": 100 * flops / step_s[a] / peak}
                   for a in ATTACKS}
-    totals = {name: protocol_rows(step_s, nograd, forward_s, 2, **s) for name, s in settings().items()}
+    totals = {name: protocol_rows(step_s, nograd, forward_s, PROTOCOL_FORWARDS, **s)
+              for name, s in settings().items()}
     return {"forward_s_per_image": forward_s, "step_gflop_per_image": flops / 1e9,
             "peak_gflops": peak / 1e9, "peak": peak_name, "validation": valid, "attacks": per_attack,
             "protocol_check": check, "totals": totals}

@@ -62,8 +62,8 @@ def test_protocol_benchmark_validates_every_attack_and_its_totals_add_up(tmp_pat
         assert t["hours"] == pytest.approx(sum(t["attack_hours"].values()) + t["protocol_forward_hours"]), name
         assert t["image_steps"] == t["images"] * len(t["radii"]) * sum(
             n * (3 if a == "sea" else 1) for a, n in t["steps"].items()), name
-        assert t == protocol.protocol_rows(step_s, nograd, r["forward_s_per_image"], 2, t["images"], t["radii"],
-                                           t["steps"]), name
+        assert t == protocol.protocol_rows(step_s, nograd, r["forward_s_per_image"], protocol.PROTOCOL_FORWARDS,
+                                           t["images"], t["radii"], t["steps"]), name
         assert t["gpu_minutes_estimate"] == pytest.approx(t["image_steps"] * protocol.H100_STEP_S / 60), name
     assert totals["params.yaml"]["images"] == 67  # the default data's test split
     full = totals["full strength"]
