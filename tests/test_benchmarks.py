@@ -28,6 +28,53 @@ def test_fold2_extrapolation_counts_every_stage_of_the_experiment():
     assert rows["method two"]["minutes"] == pytest.approx(3 * 1682 * 3.0 / 60)
 
 
+def test_protocol_benchmark_validates_every_attack_and_its_totals_add_up(tmp_path):
+    """benchmarks/protocol.py --quick: every attack of the protocol checked (in the eps-ball,
+    accuracy below the clean one, exactly `steps` passes a loss) and timed; the evaluate stage's
+    robust_chunk runs the passes the cost model counts; each total is images x radii x steps of
+    the settings it names, priced at the measured step costs."""
+    import protocol
+
+    from mlsys.presets import PAPER
+    from mlsys.robust import ATTACKS
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/protocol.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("protocol_quick_*.json")
+    r = json.loads(path.read_text())
+    assert r["settings"] == asdict(protocol.CONFIGS["quick"]()) and r["settings"]["size"] == 16
+    assert set(r["cpu_flags"]) == {"avx2", "avx512f", "avx512_bf16", "amx_tile"} and r["cpu"] and r["threads"] >= 1
+    steps = r["settings"]["steps"]
+    assert set(r["validation"]) == set(r["attacks"]) == set(ATTACKS)
+    for a, v in r["validation"].items():
+        assert v["clean_accuracy"] == 1.0 and v["accuracy"] < 1.0, a  # labels: the model's own prediction
+        assert v["linf"] <= 8 / 255 + 1e-6 and v["grad_forwards"] == steps * (3 if a == "sea" else 1), a
+        assert r["attacks"][a]["s_per_image_step"] > 0 and r["attacks"][a]["nograd_forwards"] == v["nograd_forwards"]
+    check = r["protocol_check"]  # the evaluate stage's protocol ran exactly the attacks' passes
+    assert check["grad_forwards"] == sum(r["validation"][a]["grad_forwards"] for a in check["attacks"])
+    assert check["measured_s"] > 0 and check["predicted_s"] > 0
+    step_s = {a: x["s_per_image_step"] for a, x in r["attacks"].items()}
+    nograd = {a: x["nograd_forwards"] for a, x in r["attacks"].items()}
+    totals = r["totals"]
+    assert set(totals) == {"params.yaml", "full strength", "full strength, every attack", "PAPER preset"}
+    for name, t in totals.items():
+        assert t["hours"] == pytest.approx(sum(t["attack_hours"].values()) + t["protocol_forward_hours"]), name
+        assert t["image_steps"] == t["images"] * len(t["radii"]) * sum(
+            n * (3 if a == "sea" else 1) for a, n in t["steps"].items()), name
+        assert t == protocol.protocol_rows(step_s, nograd, r["forward_s_per_image"], protocol.PROTOCOL_FORWARDS,
+                                           t["images"], t["radii"], t["steps"]), name
+        assert t["gpu_minutes_estimate"] == pytest.approx(t["image_steps"] * protocol.H100_STEP_S / 60), name
+    assert totals["params.yaml"]["images"] == 67  # the default data's test split
+    full = totals["full strength"]
+    assert full["images"] == 561 and full["radii"] == PAPER["evaluate.robust.radii"]
+    assert full["steps"] == {"segpgd": 100, "cospgd": 100, "sea": 300} and full["image_steps"] == 561 * 6 * 1100
+    assert totals["full strength, every attack"]["steps"] == {"pgd": 100, "segpgd": 100, "cospgd": 100, "apgd": 100,
+                                                             "sea": 300, "padam-ce": 200, "padam-cos": 200}
+    assert totals["PAPER preset"]["steps"] == {"segpgd": 300, "cospgd": 300, "sea": 300}
+    assert "ESTIMATE, not measured" in proc.stdout and "SEA (300 steps)" in totals["full strength"]["labels"]
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_its_steps_at_the_cpu_size(tmp_path):
     out = tmp_path / "out"

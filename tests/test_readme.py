@@ -71,6 +71,9 @@ COMMANDS = {
         "tests/test_benchmarks.py::test_repro_benchmark_splits_every_stage_of_the_pipeline_run",
     ".venv/bin/python benchmarks/screened.py --images 40":
         "tests/test_benchmarks.py::test_screened_benchmark_validates_and_reports_every_search (on 3 images)",
+    ".venv/bin/python benchmarks/protocol.py --config default":
+        "tests/test_benchmarks.py::test_protocol_benchmark_validates_every_attack_and_its_totals_add_up (--quick: "
+        "16x16, 2 images, 2 steps)",
     "benchmarks/gpu_check.sh --cpu /tmp/gpu-check": "tests/test_benchmarks.py::test_gpu_check_runs_its_steps_at_the_cpu_size",
     # docs/operations.md
     ".venv/bin/python -m mlsys runs sweep --dry-run": FRESH_CLONE,
