@@ -16,7 +16,8 @@ MODEL (:func:`load_model`):
   the same H, W, differentiably in the images, with 2 <= C <= 6 (the metrics name classes by
   ``mlsys.params.CLASS_NAMES``). It is attacked as loaded, in inference mode: :class:`Attackable`
   makes train()/eval() no-ops, which an exported program (what the registry holds) needs, as
-  it refuses both; an exported program is also fixed to the image size it was logged with.
+  it refuses both; an exported program takes the input shapes it was exported for (the
+  registry's U-Net: any batch, any height and width the U-Net takes, ``tracking.log_model``).
 
 DATA: our HDF5 format (mlsys.data; one split, ``--split``, default test; per-tissue metrics from
 /tissue; SEA's class weights from its training split) or a folder of PNG files
@@ -189,8 +190,9 @@ def attackable(model: nn.Module, images: torch.Tensor, where: str = "the model")
         with torch.enable_grad():
             out = model(x)
     except Exception as err:  # noqa: BLE001 - guards of exported programs, shape errors, ...
-        hint = (" (a torch.export program, as the registry holds the U-Net, accepts only the image size it "
-                "was exported with)" if isinstance(model, torch.fx.GraphModule) else "")
+        hint = (" (a torch.export program accepts only the input shapes it was exported for; the registry's "
+                "U-Net takes any size whose sides divide by 2**depth)" if isinstance(model, torch.fx.GraphModule)
+                else "")
         raise ModelError(f"{where} fails on images of shape {tuple(x.shape)}: {_first_line(err)}{hint}") from None
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"{where} returns {type(out).__name__}, not a logits tensor (N, C, H, W)")

@@ -324,16 +324,22 @@ def log_dataset(path: str | os.PathLike, context: str) -> str:
 
 
 def log_model(model, example):
-    """Log the U-Net as an MLflow model of the active run (torch.export format: ``example``,
-    images (N >= 2, 3, H, W), gives the input example and the signature); returns its ModelInfo."""
+    """Log the U-Net as an MLflow model of the active run, a torch.export program (no pickle);
+    ``example``, images (N >= 2, 3, H, W), gives the input example. The signature leaves the
+    batch, height and width free (-1), so MLflow exports those dimensions as dynamic: the
+    registered model takes any image size the U-Net takes (sides divisible by 2**depth), not
+    just the example's. Returns its ModelInfo."""
+    import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
     x = example.numpy()
     with torch.no_grad():
         y = model(example).numpy()
-    return mlflow.pytorch.log_model(model, name="model", signature=infer_signature(x, y), input_example=x,
-                                    pip_requirements=["torch"])
+    free = lambda a: Schema([TensorSpec(a.dtype, (-1, a.shape[1], -1, -1))])  # noqa: E731
+    return mlflow.pytorch.log_model(model, name="model", signature=ModelSignature(free(x), free(y)),
+                                    input_example=x, serialization_format="pt2", pip_requirements=["torch"])
 
 
 REGISTERED_MODEL = "mlsys-unet"

@@ -172,10 +172,11 @@ def test_foreign_fcn_from_torchscript_and_from_module_function_on_hdf5_and_png(f
     assert mine["clean"]["accuracy"] == h5["clean"]["accuracy"]
 
 
-def test_champion_from_the_registry_is_attacked_at_its_size(files, store, capsys):
+def test_champion_from_the_registry_is_attacked_at_any_size(files, store, capsys):
     """The registry's U-Net is a torch.export program (tracking.log_model): it refuses train()
-    and eval(), yet `mlsys robust models:/mlsys-unet@champion` attacks it; at another image size
-    it is refused in one line that says why."""
+    and eval(), yet `mlsys robust models:/mlsys-unet@champion` attacks it, at the size it was
+    logged with and at another one, computing what the U-Net computes; a size the U-Net cannot
+    take is refused in one line that says why."""
     torch.manual_seed(0)
     unet = UNet(n_classes=6, base=4, depth=2).eval()
     images, masks = load_split(files["h5"], "test")
@@ -195,12 +196,24 @@ def test_champion_from_the_registry_is_attacked_at_its_size(files, store, capsys
                                         class_weights=weights, channels=load_split(files["h5"], "test", True)[2])
     assert direct["robust"]["worst"] == res["robust"]["worst"]  # the exported program computes what the U-Net does
 
-    small = store / "png8"
-    write_png(small, images[:, :, :8, :8], masks[:, :8, :8])
+    side = images.shape[-1] // 2  # another size than the logged one, still divisible by 2**depth
+    assert side % 4 == 0 and side != images.shape[-1]
+    small = store / "png-small"
+    write_png(small, images[:, :, :side, :side], masks[:, :side, :side])
     out = store / "out-small"
     code, _, err = robust(capsys, "models:/mlsys-unet@champion", small, "--out", out, *FLAGS)
+    assert code == 0, err
+    res = check_written(out, tissues=False)
+    direct = robust_eval.evaluate_model(unet, *robust_eval.read_png_folder(small)[:2], attacks=["segpgd", "sea"],
+                                        radii=[8], steps=1)
+    assert direct["robust"]["worst"] == res["robust"]["worst"]
+
+    odd = store / "png-odd"
+    write_png(odd, images[:, :, :side + 2, :side + 2], masks[:, :side + 2, :side + 2])
+    out = store / "out-odd"
+    code, _, err = robust(capsys, "models:/mlsys-unet@champion", odd, "--out", out, *FLAGS)
     line = one_line(code, err, out)
-    assert "(2, 3, 8, 8)" in line and "torch.export program" in line and "image size" in line, line
+    assert f"(2, 3, {side + 2}, {side + 2})" in line and "torch.export program" in line, line
 
 
 def one_line(code: int, err: str, out: Path) -> str:
