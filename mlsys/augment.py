@@ -1,5 +1,7 @@
 """The altered training sets' common work: a method perturbs model 1's training split
-chunk by chunk into ``data/seed<s>/<method>.h5`` (true masks kept), resumable and shardable.
+chunk by chunk into ``data/seed<s>/<method>.h5`` (true masks kept), resumable and shardable,
+and the test split the same way into ``data/seed<s>/<method>_test.h5``, the transferred
+perturbation every model is evaluated on (the report's cross-evaluation).
 
 The two methods are their own stage modules, :mod:`mlsys.method1` (the paper's layered
 targeted attack) and :mod:`mlsys.method2` (the signed-combination search on the native
@@ -49,8 +51,9 @@ def _model_digest(model: torch.nn.Module) -> str:
 
 def build_set(method: Method, model: torch.nn.Module, clean: str | os.PathLike, out: str | os.PathLike,
               cfg, device: torch.device, provenance: dict, progress: bool = True, shard: Shard | None = None,
-              group: Group | None = None) -> dict[str, float] | None:
-    """Write data/<method>.h5: the training split of ``clean`` perturbed by ``method``, with the
+              group: Group | None = None, split: str = "train") -> dict[str, float] | None:
+    """Write data/<method>.h5: the ``split`` split of ``clean`` (the training split; "test"
+    for the transfer set) perturbed by ``method``, as the same split of ``out``, with the
     settings of its section of ``cfg`` (AugmentParams)
     (true masks and channel bits kept), chunk by chunk (``batch_size`` images). Returns summary
     statistics, or None where this process only computed chunks (a ``shard`` of
@@ -67,14 +70,13 @@ def build_set(method: Method, model: torch.nn.Module, clean: str | os.PathLike, 
 
     shard = Shard() if shard is None else shard
     mcfg = method.settings(cfg, device)  # what the fingerprint and the provenance record
-    train = split_of(clean, "train")
-    n = len(train)
+    n = len(split_of(clean, split))
     C = model.head.out_channels
     model.to(device)
     out = Path(out)
     main = is_main(group)
     store = ChunkStore(out.with_name(f".{out.name}.partial"), {
-        "method": method.name, "settings": asdict(mcfg), "n": n, "classes": C,
+        "method": method.name, "split": split, "settings": asdict(mcfg), "n": n, "classes": C,
         "clean_md5": file_md5(clean), "model": _model_digest(model), "device": device.type,
         "ops": method.kernels(),  # backend and csrc/ digest of native kernels, if the method has any
         "code": closure.digest(method.module)}) if main else None
@@ -86,22 +88,23 @@ def build_set(method: Method, model: torch.nn.Module, clean: str | os.PathLike, 
         return {k: v.cpu().numpy() for k, v in method.perturb(model, x, y, mcfg).items()}
 
     bs = mcfg.batch_size
-    chunks = ((j, (j, images, masks)) for j, (_, images, masks, _) in enumerate(iter_chunks(clean, "train", bs)))
+    chunks = ((j, (j, images, masks)) for j, (_, images, masks, _) in enumerate(iter_chunks(clean, split, bs)))
     sizes = chunk_sizes(n, bs)
-    before = run_chunks(chunks, compute, store, shard, group, sizes, method.name, progress)
+    label = method.name if split == "train" else f"{method.name} ({split})"
+    before = run_chunks(chunks, compute, store, shard, group, sizes, label, progress)
     if shard.count > 1 or not main:
         return None
 
     extra = method.columns(C)
-    attrs = {**provenance, "kind": method.name, "source": f"{method.name} of {os.fspath(clean)}",
+    attrs = {**provenance, "kind": method.name, "source": f"{method.name} of the {split} split of {os.fspath(clean)}",
              "settings": asdict(mcfg), "class_order": list(range(C)),
              "mode": getattr(mcfg, "mode", "signed-combination search")}
     linf, l2 = [], []
-    splits = {"train": np.arange(n), "valid": np.arange(0), "test": np.arange(0)}
+    splits = {s: np.arange(n) if s == split else np.arange(0) for s in ("train", "valid", "test")}
     channels = has_channels(clean)  # an older clean file without /channels gives a set without them
     with create_dataset(out, n, image_size(clean), attrs, splits, extra, channels) as w:
         for j, ((idx, images, masks, tissue, bits), result) in enumerate(
-                zip(iter_chunks(clean, "train", bs, channels=True), store.merged(len(sizes)))):
+                zip(iter_chunks(clean, split, bs, channels=True), store.merged(len(sizes)))):
             if len(result["images"]) != len(idx):
                 raise RuntimeError(f"{method.name}: chunk {j} in {store.folder} holds {len(result['images'])} "
                                    f"images, not {len(idx)}")
@@ -113,15 +116,16 @@ def build_set(method: Method, model: torch.nn.Module, clean: str | os.PathLike, 
     store.remove()
     resumed = sum(sizes[j] for j in before)
     if resumed:
-        print(f"{method.name}: resumed {resumed} of {n} images from {store.folder} (an interrupted run's or shards')")
+        print(f"{label}: resumed {resumed} of {n} images from {store.folder} (an interrupted run's or shards')")
     return {"n_images": float(n), "mean_linf": float(np.mean(linf)), "mean_l2": float(np.mean(l2))}
 
 
 # --------------------------------------------------------------------------- the augment stage
 def main(p, method: Method, seed: int, relaunch: list[str], shard_spec: str | None = None) -> None:
     """DVC stage ``augment-<method>@<seed>``: ``data/seed<seed>/<method>.h5``, the training
-    split perturbed with seed ``seed``'s model 1, its summary in ``metrics/augment/...`` and one
-    MLflow run. ``shard_spec`` "i/n" computes one shard's chunks only; torchrun ranks
+    split perturbed with seed ``seed``'s model 1, and ``data/seed<seed>/<method>_test.h5``, the
+    test split perturbed the same way (the transfer set of the cross-evaluation), their
+    summaries in ``metrics/augment/...`` and one MLflow run. ``shard_spec`` "i/n" computes one shard's chunks only; torchrun ranks
     (``distributed.nproc.augment``) share them; either way the merged file is the same bytes."""
     from .distributed import in_processes
     from .hardware import pick_device
@@ -133,7 +137,8 @@ def main(p, method: Method, seed: int, relaunch: list[str], shard_spec: str | No
 def cli(method: Method, argv: list[str] | None = None) -> int:
     """``python -m mlsys.<method> [--seed S] [--shard I/N]``: the stage as DVC runs it."""
     ap = entry.parser(f"python -m {method.module}",
-                      f"Build the {method.name} training set with model 1 (DVC stage augment-{method.name}@<seed>).")
+                      f"Build the {method.name} training set and transfer test set with model 1 "
+                      f"(DVC stage augment-{method.name}@<seed>).")
     ap.add_argument("--seed", type=int, help=entry.SEED_HELP)
     ap.add_argument("--shard", metavar="I/N", help=entry.SHARD_HELP)
     return entry.main("mlsys augment", method.module, ap,
@@ -161,6 +166,7 @@ def _augment_stage(p, method: Method, seed: int, shard_spec: str | None, group) 
     mcfg = getattr(p.augment, name)
     weights, out, stage = paths.weights("model1", seed), paths.dataset(name, seed), \
         paths.stage_name("augment", name, seed)
+    transfer = paths.transfer(name, seed)
     params = {f"augment.{name}.{k}": v for k, v in section_dict(mcfg).items()}
     kernels = method.kernels()
     tags = {"mlsys.stage": "augment", "mlsys.method": name, "mlsys.seed": str(seed),
@@ -184,17 +190,23 @@ def _augment_stage(p, method: Method, seed: int, shard_spec: str | None, group) 
         with tracking.timed("compute"):
             stats = build_set(method, model, paths.CLEAN, out, p.augment, device, provenance, show_progress(),
                               shard, group)
+            tested = build_set(method, model, paths.CLEAN, transfer, p.augment, device, provenance,
+                               show_progress(), shard, group, split="test")
         if stats is None:
             if shard.count > 1:
-                print(f"{stage} shard {shard}: chunks in .{Path(out).name}.partial; run without --shard to merge")
+                print(f"{stage} shard {shard}: chunks in .{Path(out).name}.partial and .{Path(transfer).name}"
+                      ".partial; run without --shard to merge")
             return
-        mlflow.log_metrics(stats)
+        mlflow.log_metrics({**stats, **{f"test/{k}": v for k, v in tested.items()}})
         write_json(paths.augment_metrics(name, seed),
-                   {**stats, "fast_paths": {"amp": resolved.amp, "channels_last": resolved.channels_last}})
+                   {**stats, "test": tested,
+                    "fast_paths": {"amp": resolved.amp, "channels_last": resolved.channels_last}})
         tracking.log_dataset(out, "output")
+        tracking.log_dataset(transfer, "transfer")
         clean, _ = head(paths.CLEAN, "train", 4)
         pert, masks = head(out, "train", 4)
         logits = predict(model.cpu(), pert, len(pert), torch.device("cpu"))
         mlflow.log_figure(figures.perturbation_panel(clean, pert, masks, logits, f"{name} training set (seed {seed})"),
                           "figures/perturbation_panel.png")
-        print(f"{stage}: {out} ({int(stats['n_images'])} images, mean L-inf {stats['mean_linf']:.4f})")
+        print(f"{stage}: {out} ({int(stats['n_images'])} images, mean L-inf {stats['mean_linf']:.4f}); "
+              f"{transfer} ({int(tested['n_images'])} test images, mean L-inf {tested['mean_linf']:.4f})")

@@ -1,6 +1,7 @@
 """The evaluate stage: each model on the test split, clean, under the paper's attack and
 under the field's protocol (``evaluate.robust``: SegPGD, CosPGD, SEA at several L-inf radii,
-the worst case per image, per tissue, and curves over the attack steps). The metrics
+the worst case per image, per tissue, and curves over the attack steps), and on the
+transfer sets (the test split perturbed by method one and method two with model 1). The metrics
 themselves (both variants) are in :mod:`mlsys.metrics`.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .attacks import attack_from_params, check_mode, fast
 from .metrics import (SegMetrics, image_hist, image_miou, pack_state, paper_truth, pixel_accuracy, predict,
                       predicted_class, state_accuracy, unpack_state, worst_candidate)
 from .model import eval_mode
-from .params import EXPERIMENT
+from .params import EXPERIMENT, METHODS
 from .results import json_clean, radius_key
 from .robust import SEA_LOSSES, SEA_SCHEDULE, _stages, greedy_worst_miou, inverse_frequency, untargeted, worst_case
 from .robust import check as check_attacks
@@ -376,8 +377,8 @@ def robust_results(robust: dict) -> dict:
 
 # --------------------------------------------------------------------------- the evaluate stage
 def main(p, name: str, seed: int, relaunch: list[str], shard_spec: str | None = None) -> None:
-    """DVC stage ``evaluate-<name>@<seed>``: the test split, clean and under the evaluation
-    attack (``evaluate`` params), into ``metrics/eval/seed<seed>/<name>.json``, the figures
+    """DVC stage ``evaluate-<name>@<seed>``: the test split, clean, under the evaluation
+    attack (``evaluate`` params) and as the seed's transfer sets hold it, into ``metrics/eval/seed<seed>/<name>.json``, the figures
     in ``plots/eval/seed<seed>/<name>/`` and one MLflow run. ``shard_spec`` "i/n" computes
     one shard's chunks only; torchrun ranks (``distributed.nproc.evaluate``) share them."""
     from .distributed import in_processes
@@ -394,6 +395,7 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
     import mlflow
 
     from . import closure, figures, paths, tracking
+    from .data import describe_split, read_attrs
     from .distributed import ChunkStore, Shard, is_main
     from .files import atomic_dir, file_md5, require, write_csv, write_json
     from .hardware import pick_device
@@ -420,6 +422,8 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
         acfg = cfg.attack
         model = load_weights(weights, p.model).to(device).eval()
         require(paths.CLEAN, "prepare")
+        for m in METHODS:
+            require(paths.transfer(m, seed), paths.stage_name("augment", m, seed))
         out = Path(paths.eval_metrics(name, seed))
         store = ChunkStore(out.with_name(f".{out.name}.partial"), {  # finished chunks: resume and merge
             "weights_md5": file_md5(weights), "clean_md5": file_md5(paths.CLEAN),
@@ -429,6 +433,8 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
             mlflow.log_params(hardware.resolved_params("evaluate.attack", acfg))
             mlflow.set_tag("mlsys.bf16", hardware.describe(device))
             tracking.log_dataset(paths.CLEAN, "evaluation")
+            # which data and protocol the numbers come from (`mlsys compare` says it)
+            mlflow.set_tag("mlsys.data_split", describe_split(read_attrs(paths.CLEAN)))
         with tracking.timed("compute"):
             done = evaluate_split(model, paths.CLEAN, "test", cfg, device, store, shard, group, show_progress())
         if done is None:  # a shard: its chunks are in the store for the merging run
@@ -436,11 +442,16 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
                 print(f"{stage} shard {shard}: chunks in {store.folder}; run without --shard to merge")
             return
         clean, attacked, panel, robust = done
-        res = {"clean": clean.result(), "attack": attacked.result(), "paper_truth": clean.paper_truth,
+        res = {"clean": clean.result(), "attack": attacked.result(),
+               # the cross-evaluation: the test split as model 1 of this seed perturbed its training sets
+               **{f"transfer_{m}": transfer_result(model, paths.transfer(m, seed), cfg, device)
+                  for m in METHODS},
+               "paper_truth": clean.paper_truth,
                "attack_settings": {"mode": acfg.mode, "eps": acfg.eps, "steps": acfg.steps,
                                    "target": acfg.target, "alpha": acfg.alpha,
                                    "amp": acfg.amp, "channels_last": acfg.channels_last}}
-        mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack") for m, v in res[k].items()})
+        mlflow.log_metrics({f"{k}/{m}": v for k in ("clean", "attack", *(f"transfer_{t}" for t in METHODS))
+                            for m, v in res[k].items() if v is not None})
         if robust is not None:
             res["robust"] = robust_results(robust)
             # the protocol's strength in words (MLflow keys stay stable: it goes into a tag)
@@ -473,6 +484,20 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
             print(f"{stage}: worst case of {', '.join(robust['attacks'])} ({cfg.robust.steps} steps): "
                   + "; ".join(f"eps {k}/255 accuracy {_show(m['accuracy'])} dice {_show(m['dice'])}"
                               for k, m in res["robust"]["worst"].items()))
+
+
+def transfer_result(model: torch.nn.Module, path: str, cfg, device: torch.device) -> dict[str, float]:
+    """``model``'s metrics (:class:`SegMetrics` result) on the test split of a transfer set
+    ``path``: the test images as another model's perturbation left them (the augment stage's
+    ``<method>_test.h5``), scored against their true masks. Forwards only, ``cfg.batch_size``
+    images at a time."""
+    from .data import iter_chunks
+
+    scores = SegMetrics(model.head.out_channels, cfg.paper_threshold)
+    with torch.no_grad():
+        for _, images, masks, _, bits in iter_chunks(path, "test", cfg.batch_size, channels=True):
+            scores.update(model(images.to(device)), masks.to(device), bits)
+    return scores.result()
 
 
 def _show(v: float | None) -> str:

@@ -5,6 +5,7 @@
 - loss curves: train/valid loss per epoch, one model or the four models together
 - metric bars: each model clean vs under attack; per-class Dice bars in the class colours
 - robustness: worst-case metrics against the radius; Dice along the attack steps
+- cross-evaluation: every model against every perturbation, a heat map
 """
 from __future__ import annotations
 
@@ -235,5 +236,28 @@ def robust_steps(curves: dict[str, dict[str, dict]], title: str, labels: dict[st
     axes[0, 0].set_ylabel("Dice (standard)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def cross_heatmap(mean: dict, std: dict, columns: list[str], rows: list[str], title: str, metric: str = "dice"):
+    """The cross-evaluation as a heat map: a row per model (``rows``: their labels, in the
+    tables' order), a column per perturbation (``columns``: report.build_cross's labels), the
+    cell's colour and text the mean over seeds of ``metric`` with its std under it (``mean``,
+    ``std``: report.build_cross's tables); no score: grey, "n/a"."""
+    values = np.array([mean[f"{c} {metric}"] for c in columns], dtype=float).T  # (models, columns)
+    spread = np.array([std[f"{c} {metric}"] for c in columns], dtype=float).T
+    fig, ax = plt.subplots(figsize=(1.5 * len(columns) + 2.6, 0.55 * len(rows) + 1.9))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#dddddd")
+    ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        text = "n/a" if np.isnan(v) else f"{v:.3f}" + ("" if np.isnan(spread[i, j]) else f"\n± {spread[i, j]:.3f}")
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if np.isnan(v) or v > 0.6 else "white")
+    ax.set_xticks(range(len(columns)), [c.replace(" transfer", "\n(transfer)").replace(" eps", "\neps")
+                                        for c in columns],
+                  fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -18,6 +18,12 @@ def dataset(name: str, seed: int) -> str:
     return CLEAN if name == "clean" else f"data/seed{seed}/{name}.h5"
 
 
+def transfer(method: str, seed: int) -> str:
+    """The TEST split perturbed by ``method`` with seed ``seed``'s model 1, as its training set
+    was: every model is evaluated on it (the report's cross-evaluation)."""
+    return f"data/seed{seed}/{method}_test.h5"
+
+
 def weights(model: str, seed: int) -> str:
     return f"models/seed{seed}/{model}.pt"
 

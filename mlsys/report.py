@@ -12,7 +12,11 @@ the mean +- the standard deviation over the seeds (sample std, n - 1), with the 
 rows beside; "paired" gives, for every other model, the per-seed difference from model 1
 of the same seed, and from PGD-AT (the field's baseline), its mean and a 95% t-interval
 (mean +- t(0.975, n-1) * sd / sqrt(n)): an effect is shown only where the interval excludes 0;
-the same for the field's worst case at each radius. The findings (finding_sections) say these
+the same for the field's worst case at each radius and for the transfer sets. The
+cross-evaluation (build_cross) puts every model against every perturbation the experiment
+makes: clean, the test split perturbed by method one and method two with model 1 (the
+augment stage's transfer sets: transferred, white-box for model 1 only), the paper's attack
+and the field's worst case against the model itself. The findings (finding_sections) say these
 in sentences, the paper's question first, on top of report.md and report.html and as
 metrics/report.json's "findings".
 The report shows the models its evaluations hold (``mlsys compare`` on runs of an older
@@ -236,6 +240,60 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
             "n_seeds": len(per_seed), "paired": robust_paired(per_seed, radii)}
 
 
+# --------------------------------------------------------------------------- cross-evaluation
+# the evaluation JSON's keys of the transfer sets (evaluate.TRANSFER_SETS), in words
+TRANSFER_SPLITS = {"transfer_method1": "method one", "transfer_method2": "method two"}
+CROSS_METRICS = ("dice", "accuracy")
+CROSS_NOTE = ("Cross-evaluation: Dice of every model against every perturbation the experiment makes (mean ± std "
+              "over {n} seeds): clean; the test split perturbed by method one and by method two with model 1 of "
+              "the same seed, as the training sets were (transferred to the other models; white-box for model 1); "
+              "the paper's attack against the model itself ({attack}); the field's worst case against the model "
+              "itself at each radius ({protocol}). A model that resists only what it was trained on stands out "
+              "in its own method's column alone.")
+
+
+def has_transfer(per_seed: dict[int, dict[str, dict]]) -> bool:
+    """Whether every evaluation holds the transfer sets' results (older pipelines' do not)."""
+    return all(k in e for evals in per_seed.values() for e in evals.values() for k in TRANSFER_SPLITS)
+
+
+def cross_columns(per_seed: dict[int, dict[str, dict]]) -> list[tuple[str, str]]:
+    """(column label, evaluation JSON path "key" or "robust/<radius>") of the cross-evaluation,
+    in order: clean, the transfer sets, the paper's attack, the worst case per radius."""
+    e = next(iter(next(iter(per_seed.values())).values()))
+    cols = [("clean", "clean"), *[(f"{w} transfer", k) for k, w in TRANSFER_SPLITS.items()],
+            ("paper's attack", "attack")]
+    if "robust" in e:
+        cols += [(f"worst case eps {k}/255", f"robust/{k}") for k in e["robust"]["worst"]]
+    return cols
+
+
+def build_cross(per_seed: dict[int, dict[str, dict]]) -> dict | None:
+    """The cross-evaluation (rows models, columns ``"<column label> <metric>"`` for each of
+    :func:`cross_columns` and CROSS_METRICS): {"table", "table_std"} as :func:`over_seeds`, and
+    "columns" (the labels). None where an evaluation lacks the transfer sets."""
+    if not has_transfer(per_seed):
+        return None
+    cols = cross_columns(per_seed)
+
+    def scores(e: dict, where: str) -> dict:
+        return e["robust"]["worst"][where[7:]] if where.startswith("robust/") else e[where]
+
+    names = [f"{label} {metric}" for label, _ in cols for metric in CROSS_METRICS]
+    mean, std = over_seeds([table({m: {f"{label} {metric}": scores(e, where).get(metric)
+                                       for label, where in cols for metric in CROSS_METRICS}
+                                   for m, e in evals.items()}, names) for evals in per_seed.values()], names)
+    return {"table": mean, "table_std": std, "columns": [label for label, _ in cols], "n_seeds": len(per_seed)}
+
+
+def cross_shown(cross: dict, metric: str = "dice") -> dict[str, list]:
+    """The display form of the cross-evaluation: one metric, cells "mean ± std", columns named
+    by their labels."""
+    cols = [f"{label} {metric}" for label in cross["columns"]]
+    shown = mean_std_table(cross["table"], cross["table_std"], cols)
+    return {"model": shown["model"], **{label: shown[c] for label, c in zip(cross["columns"], cols)}}
+
+
 def robust_paired(per_seed: dict[int, dict[str, dict]], radii: list[float]) -> list[dict]:
     """The paired differences (:func:`paired_differences`) of the worst-case Dice and accuracy
     at each radius, from model 1 and from PGD-AT (where evaluated); "split" is "eps <r>/255"."""
@@ -410,9 +468,10 @@ def finding_sections(tabs: dict, labels: dict[str, str] = MODEL_LABELS) -> list[
     (:func:`build_tables`; the worst case per radius from ``tabs["robust"]["paired"]``), in
     this order: the paper's question (one summary per baseline of the Dice of models 2-4 under
     its attack from model 1 and from PGD-AT, then each of them with Dice and accuracy), the
-    baselines under the paper's attack, the clean test split, the field's worst case at each
-    radius. Each sentence gives the mean difference, its 95% interval and its conclusion
-    (:func:`verdict`); model 1 from PGD-AT is said once, as PGD-AT from model 1."""
+    baselines under the paper's attack, the clean test split, the transfer sets (differences
+    from model 1 only), the field's worst case at each radius. Each sentence gives the mean
+    difference, its 95% interval and its conclusion (:func:`verdict`); model 1 from PGD-AT is
+    said once, as PGD-AT from model 1."""
     rows = list(tabs["paired"]) + list((tabs.get("robust") or {}).get("paired", []))
     by = {(r["model"], r.get("baseline", "model1"), r["split"], r["metric"]): r for r in rows}
     pairs = list(dict.fromkeys((r["model"], r.get("baseline", "model1")) for r in rows))
@@ -446,6 +505,10 @@ def finding_sections(tabs: dict, labels: dict[str, str] = MODEL_LABELS) -> list[
                 ("The baselines under the paper's attack",
                  sentences("attack", "under the paper's attack", [mb for mb in pairs if mb not in asked])),
                 ("Clean test split", sentences("clean", "clean", pairs)),
+                *[(f"Transferred: the test split perturbed by {w} with model 1 (white-box for model 1)",
+                   sentences(k, f"on the test split perturbed by {w} with model 1",
+                             [mb for mb in pairs if mb[1] == "model1"]))
+                  for k, w in TRANSFER_SPLITS.items()],
                 *[(f"The field's worst case at {r}", sentences(r, f"worst case at {r}", pairs)) for r in radii]]
     return [(h, ss) for h, ss in sections if ss]
 
@@ -582,8 +645,11 @@ def build_tables(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
     for name, key in (("table1", "clean"), ("table2", "attack")):
         mean, std = over_seeds([table({m: e[key] for m, e in evals.items()}) for evals in per_seed.values()])
         out[name], out[f"{name}_std"], out[f"{name}_seeds"] = mean, std, per_seed_table(per_seed, key)
-    out["paired"] = [r for b in PAIRED_BASELINES if b in models_of(per_seed) for r in paired_differences(per_seed, b)]
+    splits = ("clean", "attack", *(TRANSFER_SPLITS if has_transfer(per_seed) else ()))
+    out["paired"] = [r for b in PAIRED_BASELINES if b in models_of(per_seed)
+                     for r in paired_differences(per_seed, b, splits)]
     out["robust"] = build_robust(per_seed)
+    out["cross"] = build_cross(per_seed)
     return out
 
 
@@ -629,7 +695,7 @@ def main(p) -> None:
     # which data and protocol produced every number: said in the header and the table titles
     split = data.describe_split(data.read_attrs(paths.CLEAN))
     labels = model_labels(p.adversarial)
-    shown = shown_tables(tabs, table_titles(attack, len(seeds), split), labels)
+    shown = shown_tables(tabs, table_titles(attack, len(seeds), split), labels, attack)
     machines = sorted({e.get("machine", "unknown") for evals in per_seed.values() for e in evals.values()})
     notes = [f"Data: {split}.", f"Seeds: {', '.join(map(str, seeds))}. Machine: {'; '.join(machines)}. "
              "Reproducibility: CPU results are bit-identical only on the same CPU model with the same thread count.",
@@ -669,10 +735,12 @@ def main(p) -> None:
         print(findings_markdown(sections[:1]))  # the answer to the paper's question, last on the terminal
 
 
-def shown_tables(tabs: dict, titles: tuple[str, str], labels: dict[str, str]) -> list[tuple[str, dict]]:
+def shown_tables(tabs: dict, titles: tuple[str, str], labels: dict[str, str],
+                 attack: str = "the evaluation attack") -> list[tuple[str, dict]]:
     """The tables of the pages, titled, in order: Tables 1-2 (mean +- std), the paired
-    differences, the robustness tables and the per-tissue one (where evaluated), the per-seed
-    rows; the baselines named by their labels."""
+    differences, the robustness tables and the per-tissue one (where evaluated), the
+    cross-evaluation (where the transfer sets were evaluated; ``attack`` names the paper's
+    attack in its title), the per-seed rows; the baselines named by their labels."""
     shown = [(titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
              (titles[1], labelled(mean_std_table(tabs["table2"], tabs["table2_std"]), labels)),
              (PAIRED_NOTE, labelled(paired_table(tabs["paired"]), labels, ("model", "from"))),
@@ -683,6 +751,10 @@ def shown_tables(tabs: dict, titles: tuple[str, str], labels: dict[str, str]) ->
         shown[3:3] = [*[(title, labelled(mean_std_table(rob["table"], rob["table_std"], robust_columns(rob["radii"], ms)),
                                          labels)) for title, ms in zip(rtitles, ROBUST_SHOWN)],
                       (rtitles[2], rob["tissue"])]
+    cross = tabs.get("cross")
+    if cross is not None:  # just before the per-seed rows
+        title = CROSS_NOTE.format(n=cross["n_seeds"], attack=attack, protocol=protocol_names(rob) if rob else "not run")
+        shown.insert(len(shown) - 2, (title, labelled(cross_shown(cross), labels)))
     return shown
 
 
@@ -711,6 +783,12 @@ def write_tables(out, tabs: dict, shown: list[tuple[str, dict]]) -> None:
             mlflow.log_table(t, f"tables/{name}.json")
         for (title, t), name in zip(shown[3:6], ("robust", "robust_miou", "tissue")):
             (out / f"{name}.md").write_text(to_markdown(t, title))
+    cross = tabs.get("cross")
+    if cross is not None:  # the shown table is the one before the per-seed rows
+        for name in ("table", "table_std"):
+            (out / f"cross{name[5:]}.csv").write_text(to_csv(cross[name]))
+            mlflow.log_table(cross[name], f"tables/cross{name[5:]}.json")
+        (out / "cross.md").write_text(to_markdown(shown[-3][1], shown[-3][0]))
 
 
 def draw_figures(out, p, tabs: dict, means: dict, models: list[str], labels: dict[str, str], seeds: list[int],
@@ -758,6 +836,13 @@ def draw_figures(out, p, tabs: dict, means: dict, models: list[str], labels: dic
         figs.append(("Robustness along the attack steps", "figures/robust_steps.png"))
         files.write_csv(f"{paths.REPORT_PLOTS}/robust_radius.csv", robust_radius_rows(rob))
         files.write_csv(f"{paths.REPORT_PLOTS}/robust_steps.csv", robust_steps_rows(rob))
+    cross = tabs.get("cross")
+    if cross is not None:
+        figures.save(figures.cross_heatmap(cross["table"], cross["table_std"], cross["columns"],
+                                           [labels.get(m, m) for m in cross["table"]["model"]],
+                                           f"Cross-evaluation: Dice of each model (rows) against each perturbation "
+                                           f"(mean ± std, {len(seeds)} seeds)"), out / "figures/cross_evaluation.png")
+        figs.append(("Cross-evaluation", "figures/cross_evaluation.png"))
     for m, runs in histories.items():  # `dvc plots`: the mean curve over seeds of each model
         n = min(len(r) for r in runs)
         files.write_csv(f"{paths.REPORT_PLOTS}/{m}_loss.csv", [
@@ -807,8 +892,9 @@ def champion_to_registry(means: dict[str, dict], seed: int, p) -> dict:
 
 # --------------------------------------------------------------------------- mlsys compare
 def compare(p, parent: str | None = None) -> str:
-    """Tables 1-2 (mean +- std over seeds) and the paired differences from the MLflow runs
-    of the latest pipeline (or ``parent``), as Markdown; stages that pipeline took from the
+    """The data and protocol line, Tables 1-2 (mean +- std over seeds), the paired differences
+    and the cross-evaluation (where the runs have it) from the MLflow runs of the latest
+    pipeline (or ``parent``), as Markdown; stages that pipeline took from the
     DVC cache are filled in by the latest finished run of the same model and seed."""
     from mlflow.tracking import MlflowClient
 
@@ -841,21 +927,31 @@ def compare(p, parent: str | None = None) -> str:
         for m in models:
             r = latest[(m, s)]
             met, prm = r.data.metrics, r.data.params
-            per_seed[s][m] = {"clean": {k[6:]: v for k, v in met.items() if k.startswith("clean/")},
-                              "attack": {k[7:]: v for k, v in met.items() if k.startswith("attack/")},
-                              "attack_settings": {k: prm.get(f"evaluate.attack.{k}") for k in
-                                                  ("mode", "steps", "eps", "alpha", "target")}}
+            per_seed[s][m] = {key: {k[len(key) + 1:]: v for k, v in met.items() if k.startswith(f"{key}/")}
+                              for key in ("clean", "attack", *TRANSFER_SPLITS)}
+            per_seed[s][m]["attack_settings"] = {k: prm.get(f"evaluate.attack.{k}") for k in
+                                                 ("mode", "steps", "eps", "alpha", "target")}
+            for key in TRANSFER_SPLITS:  # runs of a pipeline before the transfer sets: no cross-evaluation
+                if not per_seed[s][m][key]:
+                    del per_seed[s][m][key]
     tabs = build_tables(per_seed)
     attack = attack_name(next(iter(per_seed.values()))["model1"]["attack_settings"])
-    titles = table_titles(attack, len(per_seed))
+    # which data and protocol produced the numbers, as the evaluate runs recorded it (older runs: unsaid)
+    splits = sorted({latest[(m, s)].data.tags.get("mlsys.data_split", "") for s in per_seed for m in models} - {""})
+    split = "; ".join(splits) or None
+    titles = table_titles(attack, len(per_seed), split)
     lines = [f"runs: {len(latest)} evaluations of seeds {', '.join(map(str, per_seed))}"
-             + (f" (missing: {', '.join(missing)})" if missing else "")]
+             + (f" (missing: {', '.join(missing)})" if missing else ""),
+             f"Data: {split or 'not recorded by these runs'}."]
     labels = model_labels(p.adversarial)
-    for (title, t) in ((titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
-                       (titles[1], labelled(mean_std_table(tabs["table2"], tabs["table2_std"]), labels)),
-                       ("Paired differences from model 1 and from PGD-AT",
-                        labelled(paired_table(tabs["paired"]), labels, ("model", "from")))):
-        lines.append(to_markdown(t, title))
+    shown = [(titles[0], labelled(mean_std_table(tabs["table1"], tabs["table1_std"]), labels)),
+             (titles[1], labelled(mean_std_table(tabs["table2"], tabs["table2_std"]), labels)),
+             ("Paired differences from model 1 and from PGD-AT",
+              labelled(paired_table(tabs["paired"]), labels, ("model", "from")))]
+    if tabs["cross"] is not None:
+        shown.append((CROSS_NOTE.format(n=len(per_seed), attack=attack, protocol="not shown here"),
+                       labelled(cross_shown(tabs["cross"]), labels)))
+    lines += [to_markdown(t, title) for title, t in shown]
     return "\n".join(lines)
 
 

@@ -440,3 +440,31 @@ def test_method_sets_keep_masks_and_channel_bits(tmp_path, method):
     build_set(import_module(f"mlsys.{method}").METHOD, model, clean, tmp_path / "old.h5", cfg, torch.device("cpu"), {}, progress=False)
     assert not data.has_channels(tmp_path / "old.h5")
     np.testing.assert_array_equal(data.load_split(tmp_path / "old.h5", "train")[1].numpy(), y.numpy())
+
+
+@pytest.mark.parametrize("method", ["method1", "method2"])
+def test_transfer_set_is_the_test_split_perturbed_the_same_way(tmp_path, method):
+    """build_set(split="test") -- the augment stage's transfer set -- perturbs the TEST split
+    image by image exactly as the method perturbs any batch, keeps its true masks, and holds
+    it as the file's test split (no training images)."""
+    from importlib import import_module
+
+    from mlsys import data, prepare
+    from mlsys.augment import build_set
+    from mlsys.params import AugmentParams, DataParams
+
+    clean = tmp_path / "clean.h5"
+    prepare.prepare(DataParams(n_images=30, image_size=SIZE), clean, progress=False)
+    cfg = AugmentParams(method1=Method1Params(steps=1, batch_size=4), method2=Method2Params(batch_size=4))
+    model = unet().eval()
+    m = import_module(f"mlsys.{method}").METHOD
+    stats = build_set(m, model, clean, tmp_path / "test.h5", cfg, torch.device("cpu"), {}, progress=False,
+                      split="test")
+    x, y = data.load_split(clean, "test")
+    got, got_y = data.load_split(tmp_path / "test.h5", "test")
+    assert len(data.split_of(tmp_path / "test.h5", "train")) == 0 and stats["n_images"] == len(x)
+    np.testing.assert_array_equal(got_y.numpy(), y.numpy())
+    torch.manual_seed(0)  # the set builder seeds each chunk with its index: chunk 0 here
+    want = m.perturb(model, x[:4], y[:4], m.settings(cfg, torch.device("cpu")))["images"]
+    torch.testing.assert_close(got[:4], want, atol=1e-6, rtol=0)
+    assert (got - x).abs().amax() > 0

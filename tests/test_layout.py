@@ -184,7 +184,9 @@ def test_models_and_paths_agree_with_dvc_yaml():
             assert set(st["outs"]) == {paths.weights(m, s), paths.train_plot(m, s)}, f"train-{m}@{s}"
             assert st["metrics"] == [paths.train_metrics(m, s)], f"train-{m}@{s}"
             st = all_stages[paths.stage_name("evaluate", m, s)]
-            assert data_deps(st) == {paths.CLEAN, paths.weights(m, s)}, f"evaluate-{m}@{s}"
+            # the clean test split, and the transfer sets of the cross-evaluation
+            assert data_deps(st) == {paths.CLEAN, paths.weights(m, s),
+                                     *(paths.transfer(t, s) for t in METHODS)}, f"evaluate-{m}@{s}"
             assert st["outs"] == [paths.eval_figures(m, s)], f"evaluate-{m}@{s}"
             assert st["metrics"] == [paths.eval_metrics(m, s)], f"evaluate-{m}@{s}"
         for b in BASELINES:  # the adversarial keys a baseline reads, and train's (its loop's) sections
@@ -197,7 +199,7 @@ def test_models_and_paths_agree_with_dvc_yaml():
         for method in METHODS:
             st = all_stages[paths.stage_name("augment", method, s)]
             assert data_deps(st) == {paths.CLEAN, paths.weights("model1", s)}, f"augment-{method}@{s}"
-            assert st["outs"] == [paths.dataset(method, s)], f"augment-{method}@{s}"
+            assert st["outs"] == [paths.dataset(method, s), paths.transfer(method, s)], f"augment-{method}@{s}"
             assert st["metrics"] == [paths.augment_metrics(method, s)], f"augment-{method}@{s}"
 
 

@@ -61,7 +61,9 @@ def test_repro_logs_parent_and_stage_runs(pipeline):
 
 def test_outputs_report_and_second_repro_runs_nothing(pipeline):
     repo, first = pipeline
-    for path in ("data/clean.h5", "data/seed0/method1.h5", "data/seed0/method2.h5", "models/seed0/model4.pt",
+    for path in ("data/clean.h5", "data/seed0/method1.h5", "data/seed0/method2.h5", "data/seed1/method1_test.h5",
+                 "data/seed1/method2_test.h5", "models/seed0/model4.pt", "reports/cross.csv", "reports/cross.md",
+                 "reports/figures/cross_evaluation.png",
                  "metrics/eval/seed0/model1.json", "reports/table1.csv", "reports/table2.md", "reports/report.md",
                  "reports/figures/validation_loss.png", "dvc.lock"):
         assert (repo / path).exists(), path
@@ -72,9 +74,16 @@ def test_outputs_report_and_second_repro_runs_nothing(pipeline):
     seeds = (repo / "reports/table2_seeds.csv").read_text().splitlines()
     assert len(seeds) == 1 + len(EXPERIMENT) * len(PIPELINE_SEEDS) and seeds[1].startswith("model1 seed 0,")
     paired = (repo / "reports/paired.csv").read_text().splitlines()
-    # every other model from model 1 and from PGD-AT, clean and attacked, 3 metrics
+    # every other model from model 1 and from PGD-AT, clean, attacked and on both transfer sets, 3 metrics
     assert paired[0] == "model,baseline,split,metric,mean,std,lo,hi,n_seeds"
-    assert len(paired) == 1 + 2 * (len(EXPERIMENT) - 1) * 2 * 3
+    assert len(paired) == 1 + 2 * (len(EXPERIMENT) - 1) * 4 * 3
+    # the cross-evaluation: every model on the test split as model 1 perturbed it (method one, method two)
+    ev = json.loads((repo / "metrics/eval/seed1/trades.json").read_text())
+    assert 0 <= ev["transfer_method1"]["dice"] <= 1 and 0 <= ev["transfer_method2"]["accuracy"] <= 1
+    cross = (repo / "reports/cross.csv").read_text().splitlines()
+    assert cross[0].startswith("model,clean dice,clean accuracy,method one transfer dice,method one transfer accuracy,"
+                               "method two transfer dice,method two transfer accuracy,paper's attack dice,")
+    assert len(cross) == 1 + len(EXPERIMENT)
     page = (repo / "reports/report.md").read_text()
     assert "mean ± std over 2 seeds" in page and "Machine:" in page and "torch " in page
     assert "PGD-AT (1 step, 4/255, half clean)" in page and "TRADES (beta 6, 1 step, 4/255)" in page
@@ -93,6 +102,8 @@ def test_outputs_report_and_second_repro_runs_nothing(pipeline):
             "SEA-style, 2 steps (reduced from 300)") in page and "figures/robust_steps.png" in page  # honest names
     report_md = (repo / "reports/report.md").read_text()
     assert "## Findings" in report_md and report_md.index("## Findings") < report_md.index("Table 1")
+    assert "**Transferred: the test split perturbed by method two with model 1 (white-box for model 1)**" in report_md
+    assert "**Cross-evaluation: Dice of every model" in report_md
     assert json.loads((repo / "metrics/report.json").read_text())["findings"]
     assert (repo / "reports/robust_paired.csv").exists()
     for name in ("robust_radius.png", "robust_steps.png"):
@@ -109,9 +120,11 @@ def test_compare_prints_both_tables(pipeline):
     out = run(repo, sys.executable, "-m", "mlsys", "compare").stdout
     assert "Table 1" in out and "Table 2" in out and "faithful attack, 2 steps" in out
     assert out.count("| model | loss | accuracy | dice |") == 2
-    # both tables, and the paired one twice: from model 1 and from PGD-AT
-    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 4
+    # both tables, the paired one twice (from model 1 and from PGD-AT), the cross-evaluation
+    assert sum(line.startswith("| model4 |") for line in out.splitlines()) == 5
     assert "mean ± std over 2 seeds" in out and "Paired differences from model 1" in out
+    assert "**Cross-evaluation: Dice of every model" in out and "| method one transfer |" in out
+    assert "Data: synthetic(seed=" in out and "Table 1: clean test split of synthetic(seed=" in out  # the protocol
 
 
 def test_champion_is_registered_and_predicts_like_the_dvc_weights(pipeline):

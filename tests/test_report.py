@@ -328,3 +328,77 @@ def test_wide_tables_are_split_for_the_page_and_complete_elsewhere(tmp_path):
     page = report.html_report([("Wide", t)], [], tmp_path)
     assert f"Wide (part 1 of {len(parts)})" in page and page.count('<div class="table-scroll">') == len(parts)
     assert report.to_markdown(t, "Wide").count("column") == 40                        # the Markdown keeps it whole
+
+
+# --------------------------------------------------------------------------- the cross-evaluation
+def cross_seeds() -> dict[int, dict[str, dict]]:
+    """robust_seeds with the transfer sets: model k's Dice on method one's set 0.1 k + 0.01 seed,
+    on method two's 0.5 - 0.1 k (models 1-4, k = 0..3)."""
+    per_seed = robust_seeds()
+    for s, evals in per_seed.items():
+        for k, e in enumerate(evals.values()):
+            e["transfer_method1"] = {"dice": 0.1 * k + 0.01 * s, "accuracy": 0.9}
+            e["transfer_method2"] = {"dice": 0.5 - 0.1 * k, "accuracy": None}
+    return per_seed
+
+
+def test_cross_evaluation_puts_every_model_against_every_perturbation():
+    per_seed = cross_seeds()
+    tabs = report.build_tables(per_seed)
+    cross = tabs["cross"]
+    assert cross["columns"] == ["clean", "method one transfer", "method two transfer",
+                                "paper's attack", "worst case eps 1/255", "worst case eps 8/255"]
+    t, sd = cross["table"], cross["table_std"]
+    assert t["model"] == ["model1", "model2", "model3", "model4"]
+    assert t["method one transfer dice"] == pytest.approx([0.005, 0.105, 0.205, 0.305])
+    assert sd["method one transfer dice"] == pytest.approx([0.01 / math.sqrt(2)] * 4)
+    assert t["method two transfer dice"] == pytest.approx([0.5, 0.4, 0.3, 0.2])
+    assert all(math.isnan(v) for v in t["method two transfer accuracy"])   # no score
+    assert t["worst case eps 8/255 dice"] == pytest.approx([0.3, 0.4, 0.5, 0.6])           # (0.2, 0.4) + 0.1 k
+    assert t["paper's attack dice"] == pytest.approx([0.1] * 4) and t["clean dice"] == pytest.approx([0.6] * 4)
+    shown = report.cross_shown(cross)
+    assert list(shown) == ["model", *cross["columns"]]
+    assert shown["method one transfer"][1] == "0.1050 ± 0.0071"
+
+    # paired differences on the transfer sets, and their findings, from model 1 only
+    rows = {(r["model"], r["baseline"], r["split"], r["metric"]): r for r in tabs["paired"]}
+    assert rows[("model3", "model1", "transfer_method1", "dice")]["mean"] == pytest.approx(0.2)
+    sections = dict(report.finding_sections(tabs))
+    heads = list(sections)                                 # no baselines here: no section of theirs
+    assert heads[heads.index("Clean test split"):][:3] == ["Clean test split",
+                                   "Transferred: the test split perturbed by method one with model 1 "
+                                   "(white-box for model 1)",
+                                   "Transferred: the test split perturbed by method two with model 1 "
+                                   "(white-box for model 1)"]
+    two = sections["Transferred: the test split perturbed by method two with model 1 (white-box for model 1)"]
+    assert two[0] == ("Model 2 (method1) vs model 1 (clean), on the test split perturbed by method two with "
+                      "model 1: Dice -0.100 [-0.100, -0.100], worse beyond the 95% interval; accuracy n/a (no score).")
+
+    # placed before the per-seed rows, titled with what each column is
+    titles = report.table_titles("faithful attack", 2)
+    shown_all = report.shown_tables(tabs, titles, report.MODEL_LABELS, "faithful attack, 2 steps")
+    title, table = shown_all[-3]
+    assert title.startswith("Cross-evaluation: Dice") and "over 2 seeds" in title
+    assert "faithful attack, 2 steps" in title and "segpgd, sea" in title
+    assert table["model"] == ["model1", "model2", "model3", "model4"]
+    assert [t for t, _ in shown_all[-2:]] == ["Table 1 per seed", "Table 2 per seed"]
+
+
+def test_no_transfer_sets_no_cross_evaluation():
+    """Evaluations of an older pipeline (no transfer sets): no cross table, paired as before."""
+    tabs = report.build_tables(robust_seeds())
+    assert tabs["cross"] is None and {r["split"] for r in tabs["paired"]} == {"clean", "attack"}
+    assert not any(t.startswith("Cross") for t, _ in report.shown_tables(tabs, ("T1", "T2"), report.MODEL_LABELS))
+
+
+def test_cross_evaluation_heat_map_draws(tmp_path):
+    from mlsys import figures
+
+    cross = report.build_tables(cross_seeds())["cross"]
+    fig = figures.cross_heatmap(cross["table"], cross["table_std"], cross["columns"], cross["table"]["model"], "T")
+    ax = fig.axes[0]
+    assert len(ax.get_xticks()) == len(cross["columns"]) and len(ax.get_yticks()) == 4
+    texts = [t.get_text() for t in ax.texts]
+    assert "0.105\n± 0.007" in texts and len(texts) == 4 * len(cross["columns"])
+    figures.save(fig, tmp_path / "cross.png")
+    assert (tmp_path / "cross.png").stat().st_size > 0
