@@ -329,7 +329,6 @@ def log_model(model, example):
     batch, height and width free (-1), so MLflow exports those dimensions as dynamic: the
     registered model takes any image size the U-Net takes (sides divisible by 2**depth), not
     just the example's. Returns its ModelInfo."""
-    import numpy as np
     import torch
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
