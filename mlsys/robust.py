@@ -7,7 +7,8 @@ the robustness protocol's attacks (``evaluate.robust``; docs/robustness.md):
 - ``apgd``: APGD (Croce & Hein, ICML 2020) with an optional progressive radius
   schedule, with the step-size rules of the authors' code; with the SEA losses
   (``masked_ce``, ``balanced_masked_ce``, ``js_divergence``) ``sea`` runs SEA
-  (Croce, Singh & Hein, 2023): at 300 steps per loss as they do, below that reduced.
+  (Croce, Singh & Hein, 2023): at 300 steps per loss as they do, below that reduced;
+  with their early stop.
 - ``padam`` (PAdam-CE, PAdam-Cos): projected AMSGrad-Adam on the CE or the cosine
   distance of logits and one-hot truth (Halmosi, Mohos & Jelasity, ECCV 2024).
 - ``worst_case``: per image the candidate with the lowest pixel accuracy;
@@ -34,7 +35,7 @@ from .params import ParamsError, RobustParams
 # --------------------------------------------------------------------------- losses
 # Losses of an untargeted attack on the true mask y (N, H, W) int64; logits (N, C, H, W).
 # Each returns one loss per image (N,): image i's gradient is that of its own loss, so the
-# result for an image does not depend on the batch it is in.
+# result for an image does not depend on the batch it is in (SEA's early stop aside: ``apgd``).
 StepLoss = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (logits, y, t, steps) -> (N,)
 
 
