@@ -76,9 +76,12 @@ class StepStates:
     t updates. ``lowest`` True (apgd, each SEA loss): the attack returns, per image, the
     lowest-accuracy iterate of its last stage (later ones win ties), the point at t is
     that image among the current stage's iterates so far -- what the attack returns at
-    t = steps. Points before ``valid_from`` updates are NaN rows: SEA's first stages run at
-    2 eps and 1.5 eps, so its iterates before the last stage (the last 40% of the steps,
-    from that stage's start) lie outside the eps-ball and are no attack at eps."""
+    t = steps. A stage that SEA's early stop ends skips the t of its remaining updates
+    (``robust.apgd``); their points get the stage's lowest-accuracy logits as they stood at
+    the stop, which is what the stage returns there. Points before ``valid_from`` updates
+    are NaN rows: SEA's first stages run at 2 eps and 1.5 eps, so its iterates before the
+    last stage (the last 40% of the steps, from that stage's start) lie outside the
+    eps-ball and are no attack at eps."""
 
     def __init__(self, points: list[int], stages: list[int], lowest: bool, states, masks: torch.Tensor,
                  valid_from: int = 0) -> None:
@@ -87,12 +90,14 @@ class StepStates:
         self.counts = [(sum(stages[:s]) + k, k == 0) for s, n in enumerate(stages) for k in range(n + 1)]
         self.at: dict[int, torch.Tensor] = {}
         self.low = self.low_acc = None  # lowest mode: each image's logits of lowest accuracy so far
+        self.seen = -1                   # lowest mode: the last t reported
 
     def on_step(self, t: int, logits: torch.Tensor) -> None:
         if not self.lowest:
             if t in self.points:
                 self.at[t] = self.states(logits)
             return
+        self._fill_skipped(t)
         u, start = self.counts[t]
         acc = pixel_accuracy(logits, self.masks)
         if start:
@@ -103,9 +108,21 @@ class StepStates:
             self.low_acc = torch.minimum(acc, self.low_acc)
         if u in self.points:
             self.at[u] = self.states(self.low)  # a stage start shares its count with the update before it
+        self.seen = t
+
+    def _fill_skipped(self, t: int) -> None:
+        """Lowest mode: the points of the forwards after the last one seen and before t, which an
+        early stop skipped (never a stage's start), at the lowest-accuracy logits as they stand."""
+        skipped = [u for u, _ in self.counts[self.seen + 1:t] if u in self.points]
+        if skipped:
+            state = self.states(self.low)
+            self.at.update((u, state) for u in skipped)
+        self.seen = max(self.seen, t - 1)
 
     def result(self, points: list[int]) -> torch.Tensor:
         """(P, N, S) at ``points``."""
+        if self.lowest and self.low is not None:  # updates after the last forward: stopped early
+            self._fill_skipped(len(self.counts))
         missing = [u for u in points if u not in self.at]
         if missing:
             raise RuntimeError(f"the attack reported no logits at update counts {missing}")

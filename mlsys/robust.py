@@ -7,7 +7,8 @@ the robustness protocol's attacks (``evaluate.robust``; docs/robustness.md):
 - ``apgd``: APGD (Croce & Hein, ICML 2020) with an optional progressive radius
   schedule, with the step-size rules of the authors' code; with the SEA losses
   (``masked_ce``, ``balanced_masked_ce``, ``js_divergence``) ``sea`` runs SEA
-  (Croce, Singh & Hein, 2023): at 300 steps per loss as they do, below that reduced.
+  (Croce, Singh & Hein, 2023): at 300 steps per loss as they do, below that reduced;
+  with their early stop.
 - ``padam`` (PAdam-CE, PAdam-Cos): projected AMSGrad-Adam on the CE or the cosine
   distance of logits and one-hot truth (Halmosi, Mohos & Jelasity, ECCV 2024).
 - ``worst_case``: per image the candidate with the lowest pixel accuracy;
@@ -34,7 +35,7 @@ from .params import ParamsError, RobustParams
 # --------------------------------------------------------------------------- losses
 # Losses of an untargeted attack on the true mask y (N, H, W) int64; logits (N, C, H, W).
 # Each returns one loss per image (N,): image i's gradient is that of its own loss, so the
-# result for an image does not depend on the batch it is in.
+# result for an image does not depend on the batch it is in (SEA's early stop aside: ``apgd``).
 StepLoss = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (logits, y, t, steps) -> (N,)
 
 
@@ -217,7 +218,7 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
          loss_fn: Loss = image_ce, track_fn: Loss | None = None,
          schedule: Sequence[tuple[float, float]] = ((1.0, 1.0),), momentum: float = 0.75, rho: float = 0.75,
          random_start: bool = False, generator: torch.Generator | None = None, on_step: OnStep | None = None,
-         amp: bool = False, return_trace: bool = False):
+         amp: bool = False, early_stop: bool = False, return_trace: bool = False):
     """APGD (Croce & Hein, ICML 2020), untargeted L-inf, as SEA's code runs it.
 
     x: (N, 3, H, W) float in [0, 1]; y: (N, H, W) int64 true classes; eps: final
@@ -251,15 +252,26 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
         left as they were.
     A stage's result is, per image, its iterate with the LOWEST pixel accuracy (later
     ones win ties), as SEA keeps; the last stage's result is returned: (N, 3, H, W),
-    ||adv - x||_inf <= eps, in [0, 1]. SEA's early stop (the whole batch at accuracy 0)
-    is left out: it makes an image's result depend on its batch, and curves need every step.
+    ||adv - x||_inf <= eps, in [0, 1].
+
+    early_stop: SEA's stop (``apgd_train(early_stop=True)``, as ``tools/infer.py`` runs
+    ``apgd_largereps``): a stage ends after the update (its step-size check included) at
+    which every image of the BATCH has reached accuracy 0 in the stage (its start counts),
+    and returns its lowest-accuracy iterates as they stand; the next stage runs as usual
+    (at least one update). The test is on the whole batch, so an image's result depends
+    on the images attacked beside it. Off by default: fra31/auto-attack's APGD has no
+    such stop inside a run (its restarts only leave out the images already misclassified,
+    image by image); a run in which it never fires is the same with it off or on.
 
     Cost: ``steps`` backward passes and steps + len(schedule) forwards (each stage
-    evaluates its start). on_step(t, logits) sees every forward in order, t = 0 ..
-    steps + len(schedule) - 1 (with one stage, t = number of updates so far); the
-    last one is NOT necessarily the returned image (that is the lowest-accuracy one).
-    return_trace: also return {"eta": (steps, N) step of each update, "radius":
-    (steps,) radius of each update, "checkpoints": update counts (global) checked}."""
+    evaluates its start), both fewer where the early stop ends a stage. on_step(t, logits)
+    sees every forward in order, t = 0 .. steps + len(schedule) - 1 (with one stage,
+    t = number of updates so far); a stage that stops early skips the t of the updates
+    it did not run, so every forward has the t it has in a full run. The last one is
+    NOT necessarily the returned image (that is the lowest-accuracy one).
+    return_trace: also return {"eta": (U, N) step of each update run (U = steps without
+    an early stop), "radius": (U,) radius of each, "checkpoints": update counts (global)
+    checked}."""
     _check_attack(x, y, eps, steps)
     stages = _stages(steps, schedule)
     x0 = x.detach()
@@ -331,6 +343,9 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, s
                         cur = torch.where(h, best, cur)  # prev and f_prev stay: the code keeps them
                         if grad is not None:
                             grad = torch.where(h, g_best, grad)
+                if early_stop and (low_acc == 0).all():  # the code's ``acc.sum() == 0``, after the check
+                    forwards += n_iter - (k + 1)  # the next stage's forwards keep their t
+                    break
             start = low
             done += n_iter
     adv = start.detach()
@@ -369,8 +384,8 @@ SEA_LOSSES = ("mask-ce-bal", "mask-ce", "js")
 
 def sea(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 300, *,
         weights: torch.Tensor | None = None, random_start: bool = True, generator: torch.Generator | None = None,
-        on_step: Callable[[str, int, torch.Tensor], None] | None = None,
-        amp: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        on_step: Callable[[str, int, torch.Tensor], None] | None = None, amp: bool = False,
+        early_stop: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SEA (Croce, Singh & Hein 2023): ``apgd`` (the authors' step-size rules) with the
     progressive radius schedule, once per loss of ``SEA_LOSSES`` (Mask-CE-Bal with the
     dataset's class ``weights`` (C,), Mask-CE, JS), plain CE tracked, then the worst case
@@ -382,9 +397,12 @@ def sea(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
     "SEA-style, N steps (reduced)", not SEA's result. weights None: per-image weights, a
     fallback where there is no training split (``balanced_masked_ce``). random_start as
     the authors' inference script (a uniform start in the first stage's ball, from
-    ``generator``, drawn anew for each loss). on_step(loss name, t, logits) as in
-    ``apgd``. Returns ``worst_case``'s (adv, accuracy (N,), which (N,) index into
-    SEA_LOSSES)."""
+    ``generator``, drawn anew for each loss). early_stop as the authors run SEA
+    (``tools/infer.py``: ``early_stop=True``): each loss's stage ends once every image of
+    the batch is at accuracy 0 (``apgd``), so an image's result depends on its batch;
+    False runs every update. on_step(loss name, t, logits) as in ``apgd`` (with the stop,
+    t skips the updates not run). Returns ``worst_case``'s (adv, accuracy (N,), which
+    (N,) index into SEA_LOSSES)."""
     losses = {"mask-ce-bal": lambda logits, t: balanced_masked_ce(logits, t, weights),
               "mask-ce": masked_ce, "js": js_divergence}
     candidates = []
@@ -392,7 +410,7 @@ def sea(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
         hook = None if on_step is None else (lambda t, logits, name=name: on_step(name, t, logits))
         candidates.append(apgd(model, x, y, eps, steps, loss_fn=losses[name], track_fn=image_ce,
                                schedule=SEA_SCHEDULE, random_start=random_start, generator=generator,
-                               on_step=hook, amp=amp))
+                               on_step=hook, amp=amp, early_stop=early_stop))
     return worst_case(model, x, y, candidates, amp=amp)
 
 
@@ -586,9 +604,9 @@ def untargeted(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack:
     """One of :data:`ATTACKS` on true masks y at L-inf radius eps; returns the
     adversarial batch. "pgd": standard PGD on the pixel CE with a random start;
     "segpgd", "cospgd": as named; the three take alpha (default eps / 4). "apgd":
-    APGD on the CE, one radius; "sea": the worst case of SEA's three runs (on_step
-    gets (loss name, t, logits) there; ``weights``: Mask-CE-Bal's class weights (C,),
-    None for per-image ones); "padam-ce", "padam-cos": PAdam with RSE's step 2/255.
+    APGD on the CE, one radius; "sea": the worst case of SEA's three runs, with its
+    authors' early stop (on_step gets (loss name, t, logits) there; ``weights``:
+    Mask-CE-Bal's class weights (C,), None for per-image ones); "padam-ce", "padam-cos": PAdam with RSE's step 2/255.
     Random starts come from ``generator``."""
     if attack not in ATTACKS:
         raise ValueError(f"attack {attack!r} is not one of {tuple(ATTACKS)}")

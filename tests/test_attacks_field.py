@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsys.attacks import pgd
-from mlsys.robust import SEA_SCHEDULE, apgd, apgd_checkpoints, balanced_masked_ce, cosine_distance, cospgd, cospgd_loss, greedy_worst_miou, image_ce, inverse_frequency, js_divergence, masked_ce, padam, sea, segpgd, segpgd_loss, untargeted, worst_case
+from mlsys.robust import SEA_LOSSES, SEA_SCHEDULE, apgd, apgd_checkpoints, balanced_masked_ce, cosine_distance, cospgd, cospgd_loss, greedy_worst_miou, image_ce, inverse_frequency, js_divergence, masked_ce, padam, sea, segpgd, segpgd_loss, untargeted, worst_case
 from mlsys.model import UNet
 
 SIZE, CLASSES = 16, 6
@@ -601,6 +601,104 @@ def test_apgd_on_step_counts_each_stage_start(model):
     seen.handle.remove()
     assert [t for t, _ in seen.calls] == list(range(10 + 3))
     assert seen.forwards == 10 + 3  # each of the three stages evaluates its start once
+
+
+# --------------------------------------------------------------------------- SEA's early stop
+def boundary_model(margin: float = 0.01) -> torch.nn.Conv2d:
+    """2 classes from a 1x1 convolution: logit 0 = 0, logit 1 = (r + g + b) - 1.5 - margin.
+    A grey pixel (0.5) is class 0 by ``margin``; raising each channel by d adds 3d to logit 1,
+    so the CE of class 0 grows along +1 on every channel (its gradient's sign)."""
+    net = torch.nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[0.0] * 3, [1.0] * 3]).view(2, 3, 1, 1))
+        net.bias.copy_(torch.tensor([0.0, -1.5 - margin]))
+    return net.eval()
+
+
+def grey(*levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 4x4 image per level, every channel at that level, all pixels of true class 0."""
+    x = torch.stack([torch.full((3, 4, 4), v) for v in levels])
+    return x, torch.zeros(len(levels), 4, 4, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_apgd_early_stop_ends_the_run_once_the_whole_batch_is_fooled(early_stop):
+    """apgd_train's stop, by hand: two grey images, eps 0.03, 10 updates. Update 1 (a = 1):
+    z = P(x + 0.06 sign(grad)) = x + 0.03 on every channel, x_1 = P(x + (z - x)) = x + 0.03:
+    logit 1 = 0.09 - 0.01 > 0 at every pixel, so both images are at accuracy 0 (acc.sum()
+    == 0) and the run stops after that update: the start and update 1, 2 forwards (t 0, 1),
+    x_1 returned. Without the stop all 11 forwards run; every later iterate stays at the
+    ball's edge x + 0.03 (the gradient's sign is still +1), so the result is the same."""
+    net = boundary_model()
+    x, y = grey(0.5, 0.5)
+    seen = Counter(net)
+    adv, trace = apgd(net, x, y, 0.03, 10, on_step=seen.on_step, early_stop=early_stop, return_trace=True)
+    seen.handle.remove()
+    runs = 2 if early_stop else 11
+    assert [t for t, _ in seen.calls] == list(range(runs)) and seen.forwards == runs
+    assert torch.equal(adv, x + 0.03)
+    assert accuracy(net, adv, y).tolist() == [0.0, 0.0]
+    assert trace["eta"].shape == (runs - 1, 2) and len(trace["radius"]) == runs - 1  # the updates run
+    assert trace["checkpoints"] == [c for c in apgd_checkpoints(10) if c < runs]     # 2, 4, ... once they ran
+
+
+def test_apgd_early_stop_needs_every_image_of_the_batch():
+    """The same grey image beside a dark one (0.1: logit 1 <= 0.3 + 3 * 0.03 - 1.51 < 0 in
+    the ball, never fooled): the batch never reaches acc.sum() == 0, every forward runs, and
+    the result is the one without the stop, bit for bit."""
+    net = boundary_model()
+    x, y = grey(0.5, 0.1)
+    seen = Counter(net)
+    adv = apgd(net, x, y, 0.03, 10, on_step=seen.on_step, early_stop=True)
+    seen.handle.remove()
+    assert [t for t, _ in seen.calls] == list(range(11)) and seen.forwards == 11
+    assert torch.equal(adv, apgd(net, x, y, 0.03, 10))
+    assert accuracy(net, adv, y).tolist() == [0.0, 1.0]
+
+
+def test_sea_early_stop_ends_each_stage_and_keeps_the_full_runs_t():
+    """SEA, 10 steps: stages of 3, 3 and 4 updates at 0.06, 0.045, 0.03 (apgd_largereps);
+    a full run's forwards have t = 0..12, the stage starts at t = 0, 4, 8. Grey images,
+    random start: at each stage's update 1 (a = 1) a pixel still right moves by +r on every
+    channel (logit 1 >= 3 * 0.03 - 0.01 > 0); a fooled one stays fooled (the masked losses
+    give it no gradient, z = x_k; JS moves it to +r too). So every stage stops after its
+    first update -- the next stage still runs, from the fooled image projected -- and each
+    loss reports its start and update 1 of each stage, at the t they have in the full run:
+    0, 1, 4, 5, 8, 9. One forward more per loss for worst_case."""
+    net = boundary_model()
+    x, y = grey(0.5, 0.5)
+    full, stopped = {}, {}
+    for early_stop, calls in ((False, full), (True, stopped)):
+        counter = Counter(net)
+        adv, acc, _ = sea(net, x, y, 0.03, 10, generator=torch.Generator().manual_seed(0), early_stop=early_stop,
+                          on_step=lambda name, t, logits, calls=calls: calls.setdefault(name, []).append(t))
+        counter.handle.remove()
+        assert counter.forwards == sum(len(ts) for ts in calls.values()) + 3
+        assert acc.tolist() == [0.0, 0.0] and (adv - x).abs().amax() <= 0.03 + 1e-6
+    starts = [0, 3 + 1, 3 + 1 + 3 + 1]
+    for name in SEA_LOSSES:
+        assert full[name] == list(range(10 + 3))
+        assert stopped[name] == [t for s in starts for t in (s, s + 1)] == [0, 1, 4, 5, 8, 9]
+    # the stop comes after the step-size check: update 1 of each stage is a checkpoint
+    # (windows of max(int(0.22 n), 1) = 1 for n = 3 and 4), and it is recorded
+    _, trace = apgd(net, x, y, 0.03, 10, loss_fn=masked_ce, track_fn=image_ce, schedule=SEA_SCHEDULE,
+                    random_start=True, generator=torch.Generator().manual_seed(0), early_stop=True,
+                    return_trace=True)
+    assert trace["checkpoints"] == [1, 4, 7]
+    assert trace["radius"].tolist() == pytest.approx([0.06, 0.045, 0.03]) and trace["eta"].shape == (3, 2)
+
+
+def test_sea_early_stop_changes_nothing_where_it_never_fires(model):
+    """The U-Net's batch is never at accuracy 0 as a whole: SEA with the stop is SEA
+    without it, bit for bit, and every forward runs."""
+    x, y = batch(model)
+    seen = []
+    got = sea(model, x, y, 0.03, 10, generator=torch.Generator().manual_seed(2),
+              on_step=lambda name, t, logits: seen.append(t))
+    want = sea(model, x, y, 0.03, 10, generator=torch.Generator().manual_seed(2), early_stop=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert seen == list(range(13)) * 3
+    assert (got[1] > 0).all()
 
 
 # --------------------------------------------------------------------------- arguments

@@ -11,10 +11,10 @@ import torch
 
 from mlsys import data, prepare
 from mlsys.attacks import full_area, pgd
-from mlsys.robust import untargeted
+from mlsys.robust import SEA_LOSSES, untargeted
 from mlsys.distributed import ChunkStore, Shard
 from mlsys.data import split_tissues
-from mlsys.evaluate import curve_points, evaluate_split, image_states, robust_results, robust_seed, train_class_weights
+from mlsys.evaluate import StepStates, curve_points, evaluate_split, image_states, robust_results, robust_seed, train_class_weights
 from mlsys.metrics import SegMetrics, unpack_state
 from mlsys.model import UNet
 from mlsys.params import AttackParams, DataParams, EvaluateParams, ParamsError, RobustParams, load_params
@@ -201,6 +201,50 @@ def test_curve_points_are_the_metrics_of_separate_shorter_runs(micro, model, tmp
     correct = [m.correct for m in rob["curves"]["apgd"][0]]
     assert correct == sorted(correct, reverse=True) and correct[-1] < correct[0]
     assert counts(rob["curves"]["worst"][0][-1]) == counts(rob["worst"][0])
+
+
+def test_step_states_fill_the_points_an_early_stop_skipped():
+    """SEA as the evaluate stage runs it (``untargeted``: its authors' early stop) on a model
+    where every stage of each loss stops after its first update (grey images at the boundary
+    of a 1x1 convolution; tests/test_attacks_field.py derives it): the forwards reported are
+    t = 0, 1 | 4, 5 | 8, 9 of a full run's 0..12 (stages of 3, 3, 4 updates). Update counts:
+    stage 1's t 0..3 are 0..3, stage 2's t 4..7 are 3..6 (a start shares its count with the
+    update before it), stage 3's t 8..12 are 6..10. The counts no forward reported (2 and 5
+    inside a stage, 8..10 after the last forward) hold what the stopped stage returns: its
+    lowest-accuracy logits at the stop, those of its update 1 (accuracy 0, later ones win
+    ties) -- the same as the counts 1, 4, 7 of those updates."""
+    net = torch.nn.Conv2d(3, 2, 1)  # logit 0 = 0, logit 1 = r + g + b - 1.51: grey 0.5 is class 0 by 0.01
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[0.0] * 3, [1.0] * 3]).view(2, 3, 1, 1))
+        net.bias.copy_(torch.tensor([0.0, -1.51]))
+    net.eval()
+    x, y = torch.full((2, 3, 4, 4), 0.5), torch.zeros(2, 4, 4, dtype=torch.int64)
+    steps, stages, points = 10, [3, 3, 4], curve_points(10, 1)
+
+    def states(logits):
+        return image_states(logits, y, None, 2, 0.5)
+
+    runs = {name: StepStates(points, stages, True, states, y) for name in SEA_LOSSES}
+    as_evaluate = {name: StepStates(points, stages, True, states, y, valid_from=6) for name in SEA_LOSSES}
+    seen = {name: {} for name in SEA_LOSSES}
+
+    def on_step(name, t, logits):
+        seen[name][t] = logits.clone()
+        runs[name].on_step(t, logits)
+        as_evaluate[name].on_step(t, logits)
+
+    adv = untargeted(net, x, y, "sea", 0.03, steps, generator=torch.Generator().manual_seed(0), on_step=on_step)
+    at = [0, 1, 1, 4, 5, 5, 8, 9, 9, 9, 9]  # the t whose logits each count 0..10 holds
+    for name in SEA_LOSSES:
+        assert sorted(seen[name]) == [0, 1, 4, 5, 8, 9]
+        got = runs[name].result(points)
+        assert got.shape == (11, 2, states(seen[name][0]).shape[1])
+        for u, t in enumerate(at):
+            assert torch.equal(got[u], states(seen[name][t])), (name, u)
+        inside = as_evaluate[name].result(points)  # NaN before the last stage, as _attack_curve has it
+        assert inside[:6].isnan().all() and torch.equal(inside[6:], got[6:])
+    # the last point is the returned image: all at accuracy 0, worst_case keeps the first loss's
+    assert torch.equal(runs[SEA_LOSSES[0]].result(points)[-1], states(forward(net, adv)))
 
 
 def test_robust_results_are_json_clean_and_laid_out_by_radius(micro, model, tmp_path):
