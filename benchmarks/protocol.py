@@ -10,7 +10,8 @@ stage's fast paths (evaluate.attack: channels-last, fp32 on a CPU), on random im
 labels are the model's own clean prediction (clean accuracy 1 by construction, so any working
 attack lowers it; cost does not depend on the weights). Validation first (llm.c dev/cuda style):
 each result lies in the eps-ball and in [0, 1], lowers the accuracy, and runs exactly `steps`
-forward+backward passes (SEA: 3 x steps), counted by a forward hook; that run is the warm-up.
+forward+backward passes (SEA: 3 x steps), counted by a forward hook; those runs, of every attack
+before any is timed, are the warm-up (timed in turn, the first attack paid for it).
 Then each attack is timed; a step's cost per image is the attack's time less its counted
 no-grad forwards (timed alone), over its forward+backward passes. Last, mlsys.evaluate.robust_chunk
 (the protocol as the evaluate stage runs it) on one radius: its passes must be the sum of the
@@ -235,11 +236,13 @@ def measure(cfg: Config, device: torch.device) -> dict:
     flops = step_flops(net, x, y)
     peak, peak_name = matmul_peak(device)
     valid, step_s, raw_s, nograd, noisy = {}, {}, {}, {}, {}
-    for attack in ATTACKS:
+    for attack in ATTACKS:  # every attack validated first: the warm-up of all of them, before any is timed
         valid[attack] = v = validate(net, passes, x, y, attack, eps, cfg.steps, weights, amp)
         print(f"    valid {attack:10s} accuracy {v['clean_accuracy']:.3f} -> {v['accuracy']:.3f}, "
               f"||adv - x|| {v['linf'] * 255:.2f}/255 <= {eps * 255:.0f}/255, "
               f"{v['grad_forwards']} forward+backward, {v['nograd_forwards']} forwards", flush=True)
+    for attack in ATTACKS:
+        v = valid[attack]
         t = timed(lambda: run_attack(net, x, y, attack, eps, cfg.steps, weights, amp), device, reps=cfg.repeat,
                   warmup=0)
         nograd[attack] = v["nograd_forwards"]
