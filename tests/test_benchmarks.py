@@ -152,3 +152,46 @@ def test_repro_benchmark_splits_every_stage_of_the_pipeline_run(pipeline, tmp_pa
     for g in [*groups.values(), result["total"]]:
         assert g["total_s"] == pytest.approx(g["startup_s"] + g["compute_s"] + g["tracking_s"])
     assert "start-up" in proc.stdout and "all stages" in proc.stdout
+
+
+def test_rerun_matches_findings_and_names_every_flip(tmp_path, capsys):
+    """benchmarks/rerun.py reads the findings the report writes: a re-run whose model 3 is no
+    longer better than model 1 (nor PGD-AT, which scores as model 1 here) under the paper's
+    attack (one seed's difference turned around) flips exactly those conclusions; the rest
+    read the same; a file without findings is one line."""
+    import rerun
+
+    from mlsys import report
+    from mlsys.params import EXPERIMENT
+
+    def findings(model3: list[float]) -> list[str]:
+        values = {m: [0.30, 0.31, 0.29] for m in EXPERIMENT}
+        values["model2"] = [0.20, 0.22, 0.21]                       # worse than model 1 in both runs
+        values["model3"] = model3
+        per_seed = {s: {m: {"clean": {"dice": 0.5, "accuracy": 0.9},
+                            "attack": {"dice": values[m][s], "accuracy": 0.8}} for m in values} for s in range(3)}
+        return report.findings(report.build_tables(per_seed))
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"findings": findings([0.35, 0.36, 0.34])}))   # model 1 + 0.05 each: better
+    b.write_text(json.dumps({"findings": findings([0.35, 0.36, 0.25])}))   # +0.05, +0.05, -0.04: no conclusion
+    res = rerun.compare(json.loads(a.read_text())["findings"], json.loads(b.read_text())["findings"])
+    flips = [(r["comparison"], r["metric"]) for r in res["rows"] if not r["same"]]
+    assert flips == [(f"Model 3 (method2) vs {b}, under the paper's attack", "Dice")   # PGD-AT scores as model 1
+                     for b in ("model 1 (clean)", "PGD-AT")]
+    row = next(r for r in res["rows"] if not r["same"])
+    assert (row["a_conclusion"], row["b_conclusion"]) == ("better", "no conclusion")
+    assert row["a"] == "+0.050 [+0.050, +0.050]"
+    n = len(res["rows"])
+    assert res["counts"] == {"findings": n, "same": n - 2, "flipped": 2, "resolved_in_either": res["counts"][
+        "resolved_in_either"], "resolved_in_both_alike": res["counts"]["resolved_in_either"] - 2}
+    assert any(r["comparison"].startswith("Model 2 (method1) vs model 1") and r["a_conclusion"] == "worse"
+               and r["same"] for r in res["rows"])
+    assert rerun.main([str(a), str(b), "--json", str(tmp_path / "out.json")]) == 0
+    out = capsys.readouterr().out
+    assert "FLIPPED Model 3 (method2) vs model 1 (clean), under the paper's attack / Dice" in out
+    assert json.loads((tmp_path / "out.json").read_text())["counts"]["flipped"] == 2
+    (tmp_path / "bad.json").write_text("{}")
+    assert rerun.main([str(a), str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rerun: error: ") and "bad.json" in err[0]
