@@ -19,7 +19,6 @@ stages never depend on attack code (tests/test_layout.py).
 """
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
@@ -132,4 +131,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    entry.finish(cli())

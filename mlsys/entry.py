@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .params import InputError, Params, load_params
 
@@ -43,6 +43,23 @@ def main(name: str, module: str, ap: argparse.ArgumentParser,
     args = ap.parse_args(argv)
     args.relaunch = ["-m", module, *(sys.argv[1:] if argv is None else argv)]
     return guarded(name, args.debug, lambda: body(args, load_params(args.params)))
+
+
+def finish(code: int) -> NoReturn:
+    """End a stage process (``python -m mlsys.<stage>``) with exit status ``code`` without the
+    interpreter's teardown: the final garbage collection and the module teardown of torch,
+    MLflow and SQLAlchemy take ~2 s per process (measured: 7.9 s against 5.8 s for a process
+    that imports them and logs a run), ~1.5 minutes over the default's 44 stages. A stage has
+    nothing left for it: ``main`` has returned, so its MLflow run is ended, its files are
+    written, closed and renamed into place, and a torchrun group is destroyed; logging and the
+    standard streams are flushed here. An exception still leaves the normal way, with its
+    traceback."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def guarded(name: str, debug: bool, work: Callable[[], None]) -> int:

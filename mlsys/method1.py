@@ -7,11 +7,10 @@ with the image's TRUE mask. The attack is :func:`mlsys.attacks.attack_from_param
 """
 from __future__ import annotations
 
-import sys
 
 import torch
 
-from . import augment, hardware
+from . import augment, entry, hardware
 from .attacks import attack_from_params, check_mode
 from .params import Method1Params
 
@@ -38,4 +37,4 @@ METHOD = augment.Method(
     check=lambda cfg: check_mode(cfg.mode, "augment.method1.mode"))
 
 if __name__ == "__main__":
-    sys.exit(augment.cli(METHOD))
+    entry.finish(augment.cli(METHOD))

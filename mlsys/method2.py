@@ -17,12 +17,11 @@ Run by DVC as ``python -m mlsys.method2 --seed S``.
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import torch
 
-from . import augment, hardware, ops
+from . import augment, entry, hardware, ops
 from .attacks import compiled, input_grad
 from .model import eval_mode
 from .params import Method2Params, ParamsError
@@ -249,4 +248,4 @@ METHOD = augment.Method(
     columns=lambda n_classes: {"signs": ((n_classes,), np.int8), "score": ((), np.float32), "index": ((), np.int64)})
 
 if __name__ == "__main__":
-    sys.exit(augment.cli(METHOD))
+    entry.finish(augment.cli(METHOD))

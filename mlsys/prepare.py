@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -376,4 +375,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    entry.finish(cli())

@@ -26,7 +26,6 @@ The champion (registered in MLflow by the report stage) is chosen by CHAMPION_CR
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 
 import numpy as np
@@ -962,4 +961,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    entry.finish(cli())
