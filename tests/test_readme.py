@@ -80,7 +80,7 @@ COMMANDS = {
     ".venv/bin/python -m mlsys runs sweep": "tests/test_robustness.py::test_sweep_marks_the_killed_runs_failed",
     # docs/robustness.md
     ".venv/bin/python -m mlsys robust models:/mlsys-unet@champion data/clean.h5":
-        "tests/test_robust_cli.py::test_champion_from_the_registry_is_attacked_at_its_size (a registry in a "
+        "tests/test_robust_cli.py::test_champion_from_the_registry_is_attacked_at_any_size (a registry in a "
         "temporary store, its HDF5 file)",
     ".venv/bin/python -m mlsys robust fcn.pt my-slides/ --attacks segpgd,sea --radii 8 --steps 1":
         "tests/test_robust_cli.py::test_foreign_fcn_from_torchscript_and_from_module_function_on_hdf5_and_png "
