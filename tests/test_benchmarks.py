@@ -175,8 +175,8 @@ def test_rerun_matches_findings_and_names_every_flip(tmp_path, capsys):
         return report.findings(report.build_tables(per_seed))
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps({"findings": findings([0.35, 0.36, 0.34])}))   # model 1 + 0.05 each: better
-    b.write_text(json.dumps({"findings": findings([0.35, 0.36, 0.25])}))   # +0.05, +0.05, -0.04: no conclusion
+    a.write_text(json.dumps({"findings": findings([0.35, 0.36, 0.34]), "seeds": [0, 1, 2]}))  # +0.05 each: better
+    b.write_text(json.dumps({"findings": findings([0.35, 0.36, 0.25]), "seeds": [0, 1, 2]}))  # +0.05, +0.05, -0.04
     res = rerun.compare(json.loads(a.read_text())["findings"], json.loads(b.read_text())["findings"])
     flips = [(r["comparison"], r["metric"]) for r in res["rows"] if not r["same"]]
     assert flips == [(f"Model 3 (method2) vs {b}, under the paper's attack", "Dice")   # PGD-AT scores as model 1
@@ -192,6 +192,9 @@ def test_rerun_matches_findings_and_names_every_flip(tmp_path, capsys):
     assert rerun.main([str(a), str(b), "--json", str(tmp_path / "out.json")]) == 0
     out = capsys.readouterr().out
     assert "FLIPPED Model 3 (method2) vs model 1 (clean), under the paper's attack / Dice" in out
+    # B: mean 0.02, sd 0.052 over 3 seeds; t(0.975, m-1) * 0.052 / sqrt(m) < 0.02 first at m = 29 (by hand)
+    assert "seeds to clear the interval, as measured: A 3, B 29" in out
+    assert rerun.seeds_to_resolve("+0.020 [-0.109, +0.149]", 3) == 29
     assert json.loads((tmp_path / "out.json").read_text())["counts"]["flipped"] == 2
     (tmp_path / "bad.json").write_text("{}")
     assert rerun.main([str(a), str(tmp_path / "bad.json")]) == 2
