@@ -110,7 +110,7 @@ def test_screened_benchmark_validates_and_reports_every_search(tmp_path):
     it checks the library's searches against the exact tables, then writes one row per search."""
     import torch
 
-    from mlsys import data, prepare
+    from mlsys import prepare
     from mlsys.model import build_model
     from mlsys.params import DataParams, load_params
     from mlsys.weights import save_weights
