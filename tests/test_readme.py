@@ -67,6 +67,9 @@ COMMANDS = {
     ".venv/bin/python benchmarks/method2.py --config cpu-small":
         "tests/test_benchmarks.py::test_gpu_check_runs_its_steps_at_the_cpu_size (gpu_check.sh --cpu runs it, "
         "on one image)",
+    ".venv/bin/python benchmarks/rerun.py metrics/report.json ../rerun/metrics/report.json":
+        NOT_RUN + "it needs two complete runs of the default; the script itself is "
+                  "tests/test_benchmarks.py::test_rerun_matches_findings_and_names_every_flip",
     ".venv/bin/python benchmarks/repro.py --no-run":
         "tests/test_benchmarks.py::test_repro_benchmark_splits_every_stage_of_the_pipeline_run",
     ".venv/bin/python benchmarks/screened.py --images 40":
