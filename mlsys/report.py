@@ -240,7 +240,7 @@ def build_robust(per_seed: dict[int, dict[str, dict]]) -> dict | None:
 
 
 # --------------------------------------------------------------------------- cross-evaluation
-# the evaluation JSON's keys of the transfer sets (evaluate.TRANSFER_SETS), in words
+# the evaluation JSON's keys of the transfer sets (one per augment method: params.METHODS), in words
 TRANSFER_SPLITS = {"transfer_method1": "method one", "transfer_method2": "method two"}
 CROSS_METRICS = ("dice", "accuracy")
 CROSS_NOTE = ("Cross-evaluation: Dice of every model against every perturbation the experiment makes (mean ± std "
