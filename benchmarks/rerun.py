@@ -2,7 +2,7 @@
 
     python benchmarks/rerun.py A/metrics/report.json B/metrics/report.json
     python benchmarks/rerun.py A.json B.json --names "default" "channels-last off, bf16 screen" \
-        --json benchmarks/results/rerun_default_<cpu>.json
+        --json benchmarks/results/rerun_<n>seeds_<cpu>.json
 
 A finding is one sentence of a report's "findings" (mlsys.report.findings): a comparison
 ("Model 2 (method1) vs model 1 (clean), under the paper's attack") and, per metric, its paired
