@@ -439,8 +439,10 @@ def table_titles(attack: str, n_seeds: int, split: str | None = None) -> tuple[s
 # --------------------------------------------------------------------------- findings
 FINDING_METRICS = (("dice", "Dice"), ("accuracy", "accuracy"))  # what the findings state, higher is better
 FINDINGS_NOTE = ("Paired differences over the seeds (same seed; higher is better): mean [95% t-interval]. "
-                 "A model is called better or worse only where the interval excludes 0. The answer to the "
-                 "paper's question comes first; the tables below hold every number.")
+                 "A model is called better or worse only where the interval excludes 0. A call whose interval "
+                 "ends near 0 may flip on a re-run with another float order: on the default, 16 of 110 did at "
+                 "five seeds (docs/reproducibility.md); the effect and its interval are what carry over. The "
+                 "answer to the paper's question comes first; the tables below hold every number.")
 
 
 def side(row: dict) -> str:
