@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import entry, hardware
 from .attacks import attack_from_params, check_mode, fast
-from .metrics import (SegMetrics, image_hist, image_miou, pack_state, paper_truth, pixel_accuracy, predict,
+from .metrics import (SegMetrics, evaluate_model, image_hist, image_miou, pack_state, paper_truth, pixel_accuracy, predict,
                       predicted_class, state_accuracy, unpack_state, worst_candidate)
 from .model import eval_mode
 from .params import EXPERIMENT, METHODS
@@ -503,17 +503,13 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
 
 
 def transfer_result(model: torch.nn.Module, path: str, cfg, device: torch.device) -> dict[str, float]:
-    """``model``'s metrics (:class:`SegMetrics` result) on the test split of a transfer set
-    ``path``: the test images as another model's perturbation left them (the augment stage's
-    ``<method>_test.h5``), scored against their true masks. Forwards only, ``cfg.batch_size``
-    images at a time."""
-    from .data import iter_chunks
+    """``model``'s metrics (:func:`mlsys.metrics.evaluate_model`) on the test split of a
+    transfer set ``path``: the test images as another model's perturbation left them (the
+    augment stage's ``<method>_test.h5``), scored against their true masks."""
+    from .data import load_split
 
-    scores = SegMetrics(model.head.out_channels, cfg.paper_threshold)
-    with torch.no_grad():
-        for _, images, masks, _, bits in iter_chunks(path, "test", cfg.batch_size, channels=True):
-            scores.update(model(images.to(device)), masks.to(device), bits)
-    return scores.result()
+    images, masks, bits = load_split(path, "test", channels=True)
+    return evaluate_model(model, images, masks, cfg.batch_size, device, cfg.paper_threshold, channels=bits)
 
 
 def _show(v: float | None) -> str:
