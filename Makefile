@@ -36,11 +36,11 @@ repro: $(STAMP)
 # and all tests of the session's micro pipeline, on one worker
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # the edit-test loop: everything but the end-to-end pipeline runs (docs/testing.md)
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not slow"
 
 # the CUDA build of csrc/ without a GPU: fetches 0.63 GB once into $$MLSYS_CUDA_CACHE (default
 # ~/.cache/mlsys/cuda-check), never into .venv; fails on a warning from csrc/ (.ci/run runs it)

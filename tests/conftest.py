@@ -25,13 +25,20 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n N --dist loadgroup`` (make test): the tests of one module stay on one
-    worker, so module fixtures run once; every test reading the session's micro ``pipeline``
-    shares one worker too, so that pipeline runs once, while the other workers take the rest."""
+    """Under ``pytest -n N --dist loadgroup --no-loadscope-reorder`` (make test): the tests of
+    one module stay on one worker, so module fixtures run once; every test reading the
+    session's micro ``pipeline`` shares one worker too, so that pipeline runs once, while the
+    other workers take the rest. Groups are handed out in the order of their first test, so
+    the longest go first (the pipeline's, then the other end-to-end modules) and the short
+    ones fill the gaps at the end, rather than a long one starting last."""
+    def group(item) -> str:
+        return "pipeline" if "pipeline" in getattr(item, "fixturenames", ()) else item.module.__name__
+
     for item in items:
-        group = "pipeline" if "pipeline" in getattr(item, "fixturenames", ()) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: (group(item) != "pipeline", item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture
