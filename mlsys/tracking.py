@@ -201,6 +201,18 @@ def run_tags() -> dict[str, str]:
             "mlsys.machine": hardware.machine()}
 
 
+STORE_MODULES = ("mlflow", "sqlalchemy", "alembic", "sqlite3")  # code that writes to a tracking store
+
+
+def _inside(frame, packages: tuple[str, ...]) -> bool:
+    """Whether ``frame`` or a caller of it runs code of one of ``packages``."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] in packages:
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
               tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
@@ -214,17 +226,33 @@ def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
     parent = _parent_run(client, experiment_id, common)
     if parent:
         client.update_run(parent, status="RUNNING")
-    previous = signal.getsignal(signal.SIGTERM)
+    # SIGINT stays ignored where it was (a stage started in the background by a script)
+    caught = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) != signal.SIG_IGN)
+    previous = {sig: signal.getsignal(sig) for sig in (*caught, signal.SIGALRM)}
+    pending: list[int] = []
 
-    def on_term(signum, frame):  # turn SIGTERM into an exception so the run is closed
-        raise StageKilled(f"stage {stage} received signal {signum}")
+    def on_signal(signum, frame):  # SIGTERM and SIGINT become exceptions, so the run is closed
+        if signum != signal.SIGALRM:
+            pending.append(signum)
+        if not pending:
+            return
+        if _inside(frame, STORE_MODULES):
+            # not in the middle of a store write: its SQLite transaction would stay open,
+            # the database locked, and the run could not be closed KILLED; look again soon
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if pending[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise StageKilled(f"stage {stage} received signal {pending[0]}")
 
     status = "FAILED"
     # pid + start time: `mlsys runs sweep` tells a crashed stage's run from a running one
     me = {"mlsys.pid": str(os.getpid()), "mlsys.pid_start": (_proc_stat(os.getpid()) or (0, ""))[1]}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
                            tags={**common, **me, **(tags or {}), "dvc.stage": stage, "mlsys.kind": "stage"})
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
         startup = process_age()  # interpreter, imports, MLflow set-up: before the stage's own work
         mlflow.log_params({k: str(v) for k, v in params.items()})
@@ -237,15 +265,16 @@ def stage_run(stage: str, params: dict[str, object], experiment: str = "mlsys",
         raise
     finally:
         # a second signal must not cut the closing of the runs short
-        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         try:
             mlflow.end_run(status)
             if parent:
                 client.set_terminated(parent, status)
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            signal.signal(signal.SIGINT, previous_int)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _process_gone(tags: dict[str, str], pid_key: str, start_key: str | None) -> bool | None:

@@ -51,3 +51,41 @@ def test_stage_runs_log_their_start_up_and_timed_parts(tmp_path, monkeypatch):
     age = tracking.process_age()
     assert age is None or 0 < metrics["timing/startup_s"] <= age
     assert 0.05 <= metrics["timing/compute_s"] < 5
+
+
+def test_a_stop_signal_inside_a_store_write_waits_for_it(tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C that lands while MLflow's code runs (a store write: interrupted, its
+    SQLite transaction stayed open, the store locked, and the run could not be closed KILLED)
+    takes effect as soon as that code returns: the write completes, then the stage stops and its
+    run ends KILLED; the handlers are restored afterwards."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+    import pytest
+
+    from mlsys import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    store = {"__name__": "mlflow.store.tracking.example"}  # frames of a module of MLflow's
+    exec("def write(sig, done):\n    import os, time\n    os.kill(os.getpid(), sig)\n    time.sleep(0.3)\n"
+         "    done.append(True)\n", store)
+    before_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # a worker may ignore Ctrl-C
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+        for sig, stop in ((signal.SIGTERM, tracking.StageKilled), (signal.SIGINT, KeyboardInterrupt)):
+            done: list[bool] = []
+            t0 = time.monotonic()
+            with pytest.raises(stop):
+                with tracking.stage_run("train-model1@0", {}) as run:
+                    store["write"](sig, done)
+                    time.sleep(10)   # the stop comes here, ~0.05 s after the write returned
+            assert done == [True], f"{sig.name} cut the store write short"
+            assert time.monotonic() - t0 < 5
+            assert mlflow.get_run(run.info.run_id).info.status == "KILLED"
+            assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGINT, before_int)
