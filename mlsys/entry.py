@@ -49,7 +49,7 @@ def finish(code: int) -> NoReturn:
     """End a stage process (``python -m mlsys.<stage>``) with exit status ``code`` without the
     interpreter's teardown: the final garbage collection and the module teardown of torch,
     MLflow and SQLAlchemy take ~2 s per process (measured: 7.9 s against 5.8 s for a process
-    that imports them and logs a run), ~1.5 minutes over the default's 44 stages. A stage has
+    that imports them and logs a run), minutes over the default's stages. A stage has
     nothing left for it: ``main`` has returned, so its MLflow run is ended, its files are
     written, closed and renamed into place, and a torchrun group is destroyed; logging and the
     standard streams are flushed here. An exception still leaves the normal way, with its

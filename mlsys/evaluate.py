@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from . import entry, hardware
 from .attacks import attack_from_params, check_mode, fast
-from .metrics import (SegMetrics, evaluate_model, image_hist, image_miou, pack_state, paper_truth, pixel_accuracy, predict,
-                      predicted_class, state_accuracy, unpack_state, worst_candidate)
+from .metrics import (SegMetrics, evaluate_chunks, image_hist, image_miou, pack_state, paper_truth, pixel_accuracy,
+                      predict, predicted_class, state_accuracy, unpack_state, worst_candidate)
 from .model import eval_mode
 from .params import EXPERIMENT, METHODS
 from .results import json_clean, radius_key
@@ -503,13 +503,14 @@ def _evaluate_stage(p, name: str, seed: int, shard_spec: str | None, group) -> N
 
 
 def transfer_result(model: torch.nn.Module, path: str, cfg, device: torch.device) -> dict[str, float]:
-    """``model``'s metrics (:func:`mlsys.metrics.evaluate_model`) on the test split of a
-    transfer set ``path``: the test images as another model's perturbation left them (the
-    augment stage's ``<method>_test.h5``), scored against their true masks."""
-    from .data import load_split
+    """``model``'s metrics on the test split of a transfer set ``path``: the test images as
+    another model's perturbation left them (the augment stage's ``<method>_test.h5``), scored
+    against their true masks, streamed from the file ``cfg.batch_size`` images at a time."""
+    from .data import iter_chunks
 
-    images, masks, bits = load_split(path, "test", channels=True)
-    return evaluate_model(model, images, masks, cfg.batch_size, device, cfg.paper_threshold, channels=bits)
+    chunks = ((images, masks, bits) for _, images, masks, _, bits
+              in iter_chunks(path, "test", cfg.batch_size, channels=True))
+    return evaluate_chunks(model, chunks, device, cfg.paper_threshold).result()
 
 
 def _show(v: float | None) -> str:

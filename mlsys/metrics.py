@@ -57,6 +57,7 @@ The mIoU family the robustness literature reports (argmax, the "standard" counts
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -303,20 +304,29 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, devic
 
 
 @torch.no_grad()
+def evaluate_chunks(model: torch.nn.Module, chunks: Iterable[tuple], device: torch.device,
+                    threshold: float = 0.1) -> SegMetrics:
+    """The metric counts of ``model`` over chunks (images (n, 3, H, W) in [0, 1], masks (n, H, W),
+    channel bits (n, H, W) or None: the "paper" truth), in eval mode: slices of tensors in
+    memory, or a split streamed from its file (:func:`mlsys.data.iter_chunks`)."""
+    m = SegMetrics(n_classes=model.head.out_channels, threshold=threshold)
+    with eval_mode(model):
+        for images, masks, bits in chunks:
+            m.update(model(images.to(device)), masks, bits)
+    return m
+
+
 def evaluate_model(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, batch_size: int,
              device: torch.device, threshold: float = 0.1, group=None,
              channels: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics of ``model`` on images (N, 3, H, W) in [0, 1] with masks (N, H, W) and,
     where the data has them, channel bits (N, H, W) (the "paper" truth).
     Under torchrun (``group``) each rank passes its share; the counts are summed."""
-    C = model.head.out_channels
-    m = SegMetrics(n_classes=C, threshold=threshold)
-    with eval_mode(model):
-        for i in range(0, len(images), batch_size):
-            m.update(model(images[i:i + batch_size].to(device)), masks[i:i + batch_size],
-                     None if channels is None else channels[i:i + batch_size])
+    m = evaluate_chunks(model, ((images[i:i + batch_size], masks[i:i + batch_size],
+                                 None if channels is None else channels[i:i + batch_size])
+                                for i in range(0, len(images), batch_size)), device, threshold)
     if group is not None:
         from .distributed import all_sum
 
-        m = SegMetrics.from_state(all_sum(torch.from_numpy(m.state()), group), C, threshold)
+        m = SegMetrics.from_state(all_sum(torch.from_numpy(m.state()), group), m.n_classes, threshold)
     return m.result()

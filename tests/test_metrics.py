@@ -199,6 +199,7 @@ def test_paper_variant_equals_the_authors_counts(tmp_path):
 def test_evaluate_model_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     from mlsys import data, prepare
     from mlsys.distributed import ChunkStore
+    from mlsys import evaluate
     from mlsys.evaluate import evaluate_split
     from mlsys.metrics import evaluate_model
     from mlsys.model import UNet
@@ -215,6 +216,10 @@ def test_evaluate_model_and_evaluate_split_pass_the_bits(tmp_path, one_thread):
     tp, fp, fn = expect
     assert r["paper_dice"] == 2 * tp / (2 * tp + fp + fn) and r["paper_truth_raw"] == 1.0
     cfg = EvaluateParams(attack=AttackParams(steps=1, batch_size=8))
+    # a transfer set is scored streamed from its file, one image at a time here, as the split in memory
+    assert len(images) > 1
+    streamed = evaluate.transfer_result(model, str(out), EvaluateParams(batch_size=1), torch.device("cpu"))
+    assert streamed == pytest.approx(r, rel=1e-6, nan_ok=True)  # the loss: float32 sums in another grouping
     cfg.robust.enabled = False  # tests/test_evaluate_robust.py
     clean, attacked, _, _ = evaluate_split(model, str(out), "test", cfg, torch.device("cpu"),
                                            ChunkStore(tmp_path / "store", {}), progress=False)
