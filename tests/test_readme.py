@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import micro
+from mlsys.params import EXPERIMENT
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]  # the project's .venv (not resolved: its bin/ holds dvc, mlflow)
@@ -22,6 +23,7 @@ BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # the README first
 
 FRESH_CLONE = "tests/test_readme.py::test_readme_commands_in_a_fresh_clone"
+QUEUE = "tests/test_readme.py::test_queued_experiments_land_in_the_project_store"  # in the same clone
 NOT_RUN = "not run: "
 # Every command of a ```bash block in README.md and docs/*.md (its trailing `# comment` left
 # off): the test that runs it ("tests/<file>.py::<test>", then any note), or NOT_RUN and why the
@@ -44,13 +46,11 @@ COMMANDS = {
     # docs/experiments.md
     ".venv/bin/dvc exp run -S evaluate.attack.steps=100": FRESH_CLONE,
     ".venv/bin/dvc exp show": FRESH_CLONE,
-    ".venv/bin/dvc exp run --queue -n eps-02 -S evaluate.attack.eps=0.02":
-        "tests/test_experiments.py::test_queued_experiments_land_in_the_project_store",
-    ".venv/bin/dvc exp run --queue -n eps-05 -S evaluate.attack.eps=0.05":
-        "tests/test_experiments.py::test_queued_experiments_land_in_the_project_store",
-    ".venv/bin/dvc exp run --run-all": "tests/test_experiments.py::test_queued_experiments_land_in_the_project_store",
+    ".venv/bin/dvc exp run --queue -n eps-02 -S evaluate.attack.eps=0.02": QUEUE,
+    ".venv/bin/dvc exp run --queue -n eps-05 -S evaluate.attack.eps=0.05": QUEUE,
+    'PATH="$PWD/.venv/bin:$PATH" dvc exp run --run-all': QUEUE,
     ".venv/bin/dvc exp show --drop '.*' --keep 'Experiment|evaluate.attack.eps|champion.*|.*pipeline_run_id'":
-        "tests/test_experiments.py::test_queued_experiments_land_in_the_project_store",
+        QUEUE,
     ".venv/bin/python -m mlsys paper /path/to/fold_2.zip":
         NOT_RUN + "PanNuke data are not present, and it is a GPU job; its --dry-run is "
                   "tests/test_cli.py::test_paper_command_sets_every_authors_choice_and_validates",
@@ -210,8 +210,12 @@ def test_the_fresh_clone_runs_the_commands_the_table_gives_it():
     assert sorted(ran) == sorted(cmd for cmd, how in COMMANDS.items() if how == FRESH_CLONE)
 
 
-@pytest.mark.slow
-def test_readme_commands_in_a_fresh_clone(tmp_path):
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory) -> dict:
+    """A fresh clone of a micro repository, used with a PATH that lacks .venv/bin, after the
+    commands of FRESH_CLONE_RUNS ran in it as typed: {"repo", "env", "out" (command -> stdout),
+    "stage_runs" (run name -> status after the first command, `dvc repro`)}."""
+    tmp_path = tmp_path_factory.mktemp("fresh")
     src = micro.make_repo(tmp_path / "src", json.loads(json.dumps(micro.MICRO)))
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(src), str(clone)], check=True, env=micro.env_for(src))
@@ -228,15 +232,69 @@ def test_readme_commands_in_a_fresh_clone(tmp_path):
     assert shutil.which("dvc", path=BARE_PATH) is None and shutil.which("mlflow", path=BARE_PATH) is None
 
     commands = [doc_command(*args) for args in FRESH_CLONE_RUNS]
-    out = {}
+    out, stage_runs = {}, {}
     for cmd in commands:
-        proc = subprocess.run(["bash", "-c", cmd], cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
-        assert proc.returncode == 0, f"{cmd!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        out[cmd] = proc.stdout
+        out[cmd] = typed(cmd, clone, env)
         if cmd == commands[0]:  # every stage ran and logged its run with the project's interpreter
             _, runs = micro.runs_of(clone)
             stage_runs = {r.info.run_name: r.info.status for r in runs if r.data.tags.get("mlsys.kind") == "stage"}
-            assert stage_runs == dict.fromkeys(micro.STAGES, "FINISHED"), stage_runs
+    return {"repo": clone, "env": env, "out": out, "stage_runs": stage_runs}
+
+
+def typed(cmd: str, cwd: Path, env: dict) -> str:
+    """Run a docs command line as typed (bash) in ``cwd``; its stdout, or fail naming it."""
+    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{cmd!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_readme_commands_in_a_fresh_clone(fresh_clone):
+    commands = [doc_command(*args) for args in FRESH_CLONE_RUNS]
+    out = fresh_clone["out"]
+    assert fresh_clone["stage_runs"] == dict.fromkeys(micro.STAGES, "FINISHED"), fresh_clone["stage_runs"]
     assert "workspace" in out[commands[2]], out[commands[2]]
     assert all(m in out[commands[3]] for m in micro.MODELS), out[commands[3]]
     assert re.search(r"^0 run\(s\) left RUNNING by a crash \(dry run\)$", out[commands[4]], re.M), out[commands[4]]
+
+
+
+@pytest.mark.slow
+def test_queued_experiments_land_in_the_project_store(fresh_clone):
+    """docs/experiments.md's queue, typed in the fresh clone after its baseline is committed:
+    DVC experiments queued and run in DVC's temporary workspaces log to the project's own
+    MLflow store (absolute URI), each under its own pipeline run tagged with the experiment's
+    name; only the stages that depend on the changed parameter run; `dvc exp show` lists the
+    experiments with their headline metrics and run ids."""
+    repo, env = fresh_clone["repo"], fresh_clone["env"]
+    typed("git add -A && git commit -qm baseline", repo, env)  # as the page says: the baseline first
+    for name in ("eps-02", "eps-05"):
+        typed(doc_command(f".venv/bin/dvc exp run --queue -n {name}"), repo, env)
+    out = typed(command_of(doc_command('PATH="$PWD/.venv/bin:$PATH" dvc exp run --run-all')), repo, env)
+    ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+    evaluate = [f"evaluate-{m}@{s}" for m in EXPERIMENT for s in micro.MICRO["seeds"]]
+    assert sorted(ran) == sorted(2 * (evaluate + ["report"])), "only what depends on evaluate.* runs"
+
+    client, runs = micro.runs_of(repo)
+    for name, eps in (("eps-02", "0.02"), ("eps-05", "0.05")):
+        mine = [r for r in runs if r.data.tags.get("dvc.experiment") == name]
+        parents = [r for r in mine if r.data.tags.get("mlsys.kind") == "pipeline"]
+        assert len(parents) == 1 and parents[0].info.run_name.endswith(f"[{name}]"), [r.info.run_name for r in mine]
+        stages = {r.info.run_name for r in mine if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+        assert stages == {*evaluate, "report"}
+        assert all(r.info.status == "FINISHED" for r in mine)
+        assert {r.data.params["evaluate.attack.eps"] for r in mine if r.info.run_name.startswith("evaluate-")} == {eps}
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "no store inside DVC's temporary workspaces"
+
+    show = json.loads(micro.run(repo, "dvc", "exp", "show", "--json").stdout)
+    exps = {r["name"]: r for base in show for e in base.get("experiments") or [] for r in e["revs"]}
+    assert {"eps-02", "eps-05"} <= set(exps), list(exps)
+    for name in ("eps-02", "eps-05"):
+        metrics = exps[name]["data"]["metrics"]
+        run_id = metrics["metrics/report.json"]["data"]["mlflow"]["pipeline_run_id"]
+        assert client.get_run(run_id).data.tags["dvc.experiment"] == name
+        assert 0 <= metrics["metrics/eval/seed0/model1.json"]["data"]["attack"]["dice"] <= 1
+    # the table of docs/experiments.md, as it shows it (its sample output is this command's, from this test)
+    table = typed(doc_command(".venv/bin/dvc exp show --drop"), repo, env)
+    print(table)
+    assert "champion.seed" in table and "eps-02" in table and "eps-05" in table

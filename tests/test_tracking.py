@@ -58,7 +58,6 @@ def test_a_stop_signal_inside_a_store_write_waits_for_it(tmp_path, monkeypatch):
     SQLite transaction stayed open, the store locked, and the run could not be closed KILLED)
     takes effect as soon as that code returns: the write completes, then the stage stops and its
     run ends KILLED; the handlers are restored afterwards."""
-    import os
     import signal
     import time
 
