@@ -242,10 +242,8 @@ def fresh_clone(tmp_path_factory) -> dict:
 
 
 def typed(cmd: str, cwd: Path, env: dict) -> str:
-    """Run a docs command line as typed (bash) in ``cwd``; its stdout, or fail naming it."""
-    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f"{cmd!r} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    """A docs command line run as typed (bash) in ``cwd``: its stdout (micro.run fails naming it)."""
+    return micro.run(cwd, "bash", "-c", cmd, env=env, timeout=1800).stdout
 
 
 @pytest.mark.slow
